@@ -1,0 +1,33 @@
+"""M-GRPO kernels: pure `jax.numpy` functions (no flax, no project state) to import into any JAX code.
+
+Every function works under `jit`, `grad` and `vmap`, accepts bf16 inputs and accumulates in float32.
+
+    from mgrpo_jax.kernels import group_relative_advantages, chunked_token_logprobs, policy_loss
+"""
+from mgrpo_jax.kernels.advantages import (
+    SCALES,
+    SUB_GROUPS,
+    GroupStats,
+    group_relative_advantages,
+    group_statistics,
+    mgrpo_advantages,
+)
+from mgrpo_jax.kernels.logprobs import chunked_token_logprobs, token_entropy, token_logprobs
+from mgrpo_jax.kernels.policy_loss import AGG_MODES, KL_KINDS, aggregate_loss, kl_estimate, policy_loss
+
+__all__ = [
+    "AGG_MODES",
+    "KL_KINDS",
+    "SCALES",
+    "SUB_GROUPS",
+    "GroupStats",
+    "aggregate_loss",
+    "chunked_token_logprobs",
+    "group_relative_advantages",
+    "group_statistics",
+    "kl_estimate",
+    "mgrpo_advantages",
+    "policy_loss",
+    "token_entropy",
+    "token_logprobs",
+]

@@ -1,0 +1,48 @@
+"""mgrpo_jax: train multi-agent LLM systems (a planner and its sub-agents) with M-GRPO in JAX.
+
+Ranges here are what we are compatible with, so that users can install us beside their own JAX. The exact
+known-good set we test with lives in constraints.txt (`make` and CI install with `-c constraints.txt`).
+"""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "transformers>=5.24,<6",
+    "tokenizers>=0.23.3,<0.24",
+    "safetensors>=0.8,<0.9",
+    "grain>=0.2.18,<0.3",
+    "ml-collections>=1.1,<2",
+    "tensorboardX>=2.6.5,<3",
+    "numpy>=2.0,<3",
+    "jinja2>=3.1,<4",  # transformers renders chat templates with it
+]
+
+EXTRAS = {
+    # torch is a numerical oracle only (transformers' PyTorch models). Exactly 2.13.0: it is the CPU wheel on
+    # the build machines' disk, and any other spec pulls a multi-GB CUDA build.
+    "test": ["pytest>=8", "chex>=0.1.90", "hypothesis>=6.100", "torch==2.13.0"],
+    # Accelerator builds of jax/jaxlib. Documented, not installed by `make` or CI.
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
+}
+
+setup(
+    name="mgrpo_jax",
+    version="0.1.0.dev0",
+    description="M-GRPO: reinforcement learning for multi-agent LLM systems (main agent + sub-agents) in JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mgrpo_jax", "mgrpo_jax.*"]),
+    install_requires=RUNTIME,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
