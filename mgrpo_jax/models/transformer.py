@@ -1,0 +1,521 @@
+"""A decoder-only transformer in Flax NNX: dense Llama 3.x, Qwen2/Qwen2.5 and Qwen3.
+
+One module tree serves three paths that share every layer:
+
+- `Transformer.__call__`: the training / scoring forward over a whole padded batch, no cache.
+- `Transformer.prefill`: the same forward that also writes keys and values into a `KVCache`.
+- `Transformer.decode_step`: one new token per row against the cache.
+
+Attention always uses an explicit boolean mask built by `attention_mask_from_segments` from segment ids (the
+`attention_mask` argument: 0 = pad, >0 = real) and slot indices (causal order), so a pad token never attends
+and is never attended to, whatever side the padding is on. RoPE takes explicit `positions`, so left-padded
+rows use positions that start at 0 on their first real token, as transformers does with `position_ids`.
+
+Parameters are stored in the layout the einsums want (`[embed, heads, head_dim]` kernels, not the flattened
+PyTorch `[out, in]`), each `nnx.Param` tagged with logical axis names in its `out_sharding` metadata
+(`eager_sharding=False`: a model is built without any mesh; `mgrpo_jax.sharding` maps the names to a mesh).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+# Logical axis names used by the parameters (and by the KV cache), for `mgrpo_jax.sharding` rules.
+LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x RoPE frequency scaling (transformers' `rope_type="llama3"`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static description of one decoder. Hashable, so it can be a static jit argument.
+
+    `architecture` is the Hugging Face `model_type` ("llama", "qwen2", "qwen3"); `attention_bias` adds biases to
+    the q/k/v projections (Qwen2 always, Llama/Qwen3 when their config says so) and `attention_out_bias` to the
+    output projection (Llama/Qwen3 `attention_bias=True`); `qk_norm` is Qwen3's per-head RMSNorm of q and k.
+    `param_dtype` is the storage dtype of the parameters, `dtype` the compute dtype of activations; logits are
+    always float32 and RMSNorm always computes in float32.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    qk_norm: bool = False
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: bool = False
+    max_position_embeddings: int = 8192
+    architecture: str = "llama"
+
+    def __post_init__(self):
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "max_position_embeddings"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"ModelConfig.{key} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads}) for grouped-query attention")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"ModelConfig.architecture={self.architecture!r} is not supported; supported: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        for key in ("param_dtype", "dtype"):
+            try:
+                name = jnp.dtype(getattr(self, key)).name
+            except TypeError as e:
+                raise ValueError(f"ModelConfig.{key}={getattr(self, key)!r} is not a dtype; use one of "
+                                 f"{', '.join(_SUPPORTED_DTYPES)}") from e
+            if name not in _SUPPORTED_DTYPES:
+                raise ValueError(f"ModelConfig.{key}={name!r} is not supported; use one of "
+                                 f"{', '.join(_SUPPORTED_DTYPES)}")
+            object.__setattr__(self, key, name)  # normalize jnp.bfloat16 etc. to a string: hashable, printable
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf_config: Any, *, param_dtype: str = "float32", dtype: str = "float32",
+                remat: bool = False) -> "ModelConfig":
+        """Build a config from a transformers `PretrainedConfig` (LlamaConfig, Qwen2Config or Qwen3Config).
+
+        Raises ValueError for any other architecture or for features this decoder does not implement
+        (sliding-window layers, MLP biases, activations other than SiLU, RoPE types other than default/llama3).
+        """
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture model_type={model_type!r} "
+                             f"({type(hf_config).__name__}); supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
+                             "(LlamaConfig, Qwen2Config, Qwen3Config)")
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{model_type}: hidden_act={act!r} is not supported; only 'silu' (SwiGLU)")
+        if getattr(hf_config, "mlp_bias", False):
+            raise ValueError(f"{model_type}: mlp_bias=True is not supported")
+        layer_types = getattr(hf_config, "layer_types", None) or ()
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"{model_type}: layer_types={sorted(set(layer_types))} is not supported; only "
+                             "full attention (set use_sliding_window=False)")
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+        rope_theta = float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{model_type}: partial_rotary_factor={rope['partial_rotary_factor']} is not supported")
+        if rope_type == "default":
+            rope_scaling = None
+        elif rope_type == "llama3":
+            rope_scaling = RopeScaling(
+                factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+        else:
+            raise ValueError(f"{model_type}: rope_type={rope_type!r} is not supported; supported: default, llama3")
+        if model_type == "qwen2":
+            qkv_bias, out_bias = True, False
+        else:
+            qkv_bias = out_bias = bool(getattr(hf_config, "attention_bias", False))
+        kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        return cls(
+            vocab_size=int(hf_config.vocab_size), hidden_size=int(hf_config.hidden_size),
+            intermediate_size=int(hf_config.intermediate_size), num_layers=int(hf_config.num_hidden_layers),
+            num_heads=int(hf_config.num_attention_heads), num_kv_heads=int(kv_heads), head_dim=int(head_dim),
+            rope_theta=rope_theta, rope_scaling=rope_scaling, rms_norm_eps=float(hf_config.rms_norm_eps),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            attention_bias=qkv_bias, attention_out_bias=out_bias, qk_norm=model_type == "qwen3",
+            param_dtype=param_dtype, dtype=dtype, remat=remat,
+            max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 8192)),
+            architecture=model_type)
+
+
+# ------------------------------------------------------------------------------------------- components
+
+
+def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: str,
+           init: str = "normal", std: float = 0.02) -> nnx.Param:
+    """A parameter tagged with logical axis names; never eagerly sharded (no mesh is needed to build)."""
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "normal":
+        value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32, returned in `out_dtype`. scale: [dim]."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: str):
+        self.eps = eps
+        self.scale = _param(None, (dim,), ("norm",), param_dtype, init="ones")
+
+    def __call__(self, x: Array, out_dtype: Any) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(out_dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """inv_freq[i] = theta^(-2i/head_dim), i < head_dim/2, with Llama 3 scaling when configured. [head_dim/2] f32.
+
+    Computed in float32 numpy exactly as transformers does (default and `_compute_llama3_parameters`).
+    """
+    dim = config.head_dim
+    inv_freq = (1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))))
+    inv_freq = inv_freq.astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq).astype(np.float32)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor
+                                                                                    - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_sin_cos(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """positions [B, T] int -> (sin, cos), each [B, T, head_dim/2] float32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
+    """Rotate x [B, T, heads, head_dim] by the half-split convention of transformers' `rotate_half`.
+
+    With x = [x1, x2] (halves of head_dim): out = [x1 cos - x2 sin, x2 cos + x1 sin], i.e.
+    x * [cos, cos] + rotate_half(x) * [sin, sin] with rotate_half(x) = [-x2, x1]. Computed in float32.
+    """
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask_from_segments(q_segment_ids: Array, q_slots: Array, kv_segment_ids: Array,
+                                 kv_slots: Array) -> Array:
+    """Boolean attention mask [B, T, S]: query t may attend key s.
+
+    mask[b,t,s] = (q_seg[b,t] != 0) & (q_seg[b,t] == kv_seg[b,s]) & (kv_slots[s] <= q_slots[b,t])
+
+    q_segment_ids [B, T], kv_segment_ids [B, S]: 0 marks a pad, equal positive ids share a sequence (so packed
+    rows work too). q_slots [B, T] / kv_slots [S]: the index of each token in the row (cache slot), which orders
+    tokens causally regardless of the RoPE positions.
+    """
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    real = (q_segment_ids != 0)[:, :, None]
+    causal = kv_slots[None, None, :] <= q_slots[:, :, None]
+    return same & real & causal
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE (and Qwen3 q/k RMSNorm).
+
+    Kernels: q [embed, q_heads, head_dim], k/v [embed, kv_heads, head_dim], o [q_heads, head_dim, embed].
+    """
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c, pd = config, config.param_dtype
+        self.config = config
+        self.q_kernel = _param(rngs, (c.hidden_size, c.num_heads, c.head_dim), ("embed", "q_heads", "head_dim"), pd)
+        self.k_kernel = _param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
+                               pd)
+        self.v_kernel = _param(rngs, (c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
+                               pd)
+        self.o_kernel = _param(rngs, (c.num_heads, c.head_dim, c.hidden_size), ("q_heads", "head_dim", "embed"), pd)
+        if c.attention_bias:
+            self.q_bias = _param(None, (c.num_heads, c.head_dim), ("q_heads", "head_dim"), pd, init="zeros")
+            self.k_bias = _param(None, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd, init="zeros")
+            self.v_bias = _param(None, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), pd, init="zeros")
+        if c.attention_out_bias:
+            self.o_bias = _param(None, (c.hidden_size,), ("embed",), pd, init="zeros")
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, pd)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, pd)
+
+    def _project(self, x: Array, kernel: nnx.Param, bias_name: str) -> Array:
+        dt = self.config.dtype
+        y = jnp.einsum("bth,hnd->btnd", x, kernel[...].astype(dt))
+        if self.config.attention_bias:
+            y = y + getattr(self, bias_name)[...].astype(dt)
+        return y
+
+    def __call__(self, x: Array, sin: Array, cos: Array, mask: Array,
+                 cache_kv: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+        """x [B, T, embed], sin/cos [B, T, head_dim/2], mask [B, T, S] bool.
+
+        Without a cache S == T and the keys are this block's. With `cache_kv = (k_cache, v_cache, write_slot)`
+        (caches [B, S, kv_heads, head_dim], write_slot a scalar) the new keys/values are written at slots
+        [write_slot, write_slot + T) and the queries attend the whole cache. Returns ([B, T, embed], new k/v).
+        """
+        c, dt = self.config, self.config.dtype
+        q = self._project(x, self.q_kernel, "q_bias")
+        k = self._project(x, self.k_kernel, "k_bias")
+        v = self._project(x, self.v_kernel, "v_bias")
+        if c.qk_norm:
+            q, k = self.q_norm(q, dt), self.k_norm(k, dt)
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        new_cache = None
+        if cache_kv is not None:
+            k_cache, v_cache, slot = cache_kv
+            zero = jnp.zeros((), jnp.int32)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, slot, zero, zero))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, slot, zero, zero))
+            new_cache = (k, v)
+            k, v = k.astype(dt), v.astype(dt)
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (c.head_dim ** -0.5)
+        m = mask[:, None, None, :, :]
+        # A finite fill keeps a fully masked row (a pad query) finite; zeroing its weights afterwards makes the
+        # pad's output exactly 0, so nothing from it can leak anywhere.
+        scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+        weights = jnp.where(m, jax.nn.softmax(scores, axis=-1), 0.0).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, c.num_heads, c.head_dim)
+        y = jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(dt))
+        if c.attention_out_bias:
+            y = y + self.o_bias[...].astype(dt)
+        return y, new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x @ gate) * (x @ up)). gate/up [embed, mlp], down [mlp, embed]."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c, pd = config, config.param_dtype
+        self.dtype = c.dtype
+        self.gate_kernel = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
+        self.up_kernel = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
+        self.down_kernel = _param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), pd)
+
+    def __call__(self, x: Array) -> Array:
+        dt = self.dtype
+        gate = x @ self.gate_kernel[...].astype(dt)
+        up = x @ self.up_kernel[...].astype(dt)
+        return (jax.nn.silu(gate) * up) @ self.down_kernel[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.dtype = config.dtype
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_dtype)
+        self.attn = Attention(config, rngs)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_dtype)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x: Array, sin: Array, cos: Array, mask: Array,
+                 cache_kv: tuple[Array, Array, Array] | None = None):
+        """x [B, T, embed] -> ([B, T, embed], new k/v cache or None); see `Attention`."""
+        attn_out, new_cache = self.attn(self.input_norm(x, self.dtype), sin, cos, mask, cache_kv)
+        h = x + attn_out
+        return h + self.mlp(self.post_attn_norm(h, self.dtype)), new_cache
+
+
+def _layer_forward(layer: DecoderLayer, x: Array, sin: Array, cos: Array, mask: Array) -> Array:
+    return layer(x, sin, cos, mask)[0]
+
+
+# --------------------------------------------------------------------------------------------- KV cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Fixed-size decoding cache, a plain pytree (donate it to the jitted prefill/decode step).
+
+    k, v: one array per layer, each [B, max_len, kv_heads, head_dim]; segment_ids [B, max_len] int32 (1 where a
+    real token was written, 0 for empty slots and pads, which are never attended); lengths [B] int32, the real
+    tokens per row; end_index [] int32, the next slot to write (the same for every row: slots are aligned
+    across the batch, so left-padded prompts keep their pads at the front, masked).
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    segment_ids: Array
+    lengths: Array
+    end_index: Array
+
+    @property
+    def max_len(self) -> int:
+        return self.segment_ids.shape[1]
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> "KVCache":
+        """An empty cache; dtype defaults to the model's compute dtype."""
+        dtype = dtype or config.dtype
+        shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                   segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
+                   lengths=jnp.zeros((batch_size,), jnp.int32), end_index=jnp.zeros((), jnp.int32))
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. Parameter tree:
+
+    embed [vocab, embed]; layers[i].{input_norm, attn.{q,k,v,o}_kernel (+ biases, q_norm, k_norm),
+    post_attn_norm, mlp.{gate,up,down}_kernel}; final_norm; lm_head [embed, vocab] unless tied.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = config
+        self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
+        self.layers = nnx.List([DecoderLayer(c, rngs) for _ in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype)
+
+    def unembedding(self) -> Array:
+        """The output projection [hidden, vocab] (the embedding transposed when tied); logits = hidden @ this."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
+
+    def logits_from_hidden(self, hidden: Array) -> Array:
+        """hidden [..., H] -> logits [..., V] float32 (products in the compute dtype, accumulated in f32)."""
+        dt = self.config.dtype
+        return jnp.matmul(hidden.astype(dt), self.unembedding().astype(dt), preferred_element_type=jnp.float32)
+
+    def _embed(self, tokens: Array) -> Array:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
+
+    def __call__(self, tokens: Array, positions: Array, attention_mask: Array, *,
+                 return_hidden: bool = False) -> Array:
+        """Full forward without a cache.
+
+        tokens [B, T] int32, positions [B, T] int32 (RoPE positions, e.g. cumsum(mask) - 1), attention_mask
+        [B, T] (1 real, 0 pad; positive segment ids for packed rows). Returns logits [B, T, V] float32, or with
+        `return_hidden` the final normed hidden states [B, T, H] in the compute dtype (logits = hidden @
+        `unembedding()`). Pad rows give finite values that callers must mask out.
+        """
+        segment_ids = attention_mask.astype(jnp.int32)
+        t = tokens.shape[1]
+        slots = jnp.arange(t, dtype=jnp.int32)
+        mask = attention_mask_from_segments(segment_ids, jnp.broadcast_to(slots, tokens.shape), segment_ids, slots)
+        sin, cos = rope_sin_cos(positions, rope_inverse_frequencies(self.config))
+        layer_fn = nnx.remat(_layer_forward) if self.config.remat else _layer_forward
+        x = self._embed(tokens)
+        for layer in self.layers:
+            x = layer_fn(layer, x, sin, cos, mask)
+        hidden = self.final_norm(x, self.config.dtype)
+        return hidden if return_hidden else self.logits_from_hidden(hidden)
+
+    def _forward_cached(self, tokens: Array, positions: Array, segment_ids: Array,
+                        cache: KVCache) -> tuple[Array, KVCache]:
+        """tokens/positions/segment_ids [B, T] written at slots [end_index, end_index + T). -> (hidden, cache)."""
+        b, t = tokens.shape
+        start = cache.end_index
+        cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (jnp.zeros((), jnp.int32),
+                                                                                        start))
+        q_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = attention_mask_from_segments(segment_ids, q_slots, cache_segments,
+                                            jnp.arange(cache.max_len, dtype=jnp.int32))
+        sin, cos = rope_sin_cos(positions, rope_inverse_frequencies(self.config))
+        x = self._embed(tokens)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, sin, cos, mask, (cache.k[i], cache.v[i], start))
+            new_k.append(k)
+            new_v.append(v)
+        hidden = self.final_norm(x, self.config.dtype)
+        new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=cache_segments,
+                            lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
+                            end_index=start + t)
+        return hidden, new_cache
+
+    def prefill(self, tokens: Array, positions: Array, attention_mask: Array, cache: KVCache, *,
+                return_all_logits: bool = False) -> tuple[Array, KVCache]:
+        """Run a (left- or right-) padded prompt block through the model, writing it into the cache.
+
+        tokens/positions/attention_mask [B, T]; the block goes to slots [end_index, end_index + T), which must fit
+        in the cache: XLA clamps an out-of-range write (`dynamic_update_slice`), which would silently overwrite
+        the last slots, so size `max_len` for prompt + generation.
+        Returns (logits [B, V] float32 at each row's last real token, or [B, T, V] with `return_all_logits`,
+        updated cache). attention_mask is treated as binary here (no packing in the cache).
+        """
+        if tokens.shape[1] > cache.max_len:
+            raise ValueError(f"prefill: prompt length {tokens.shape[1]} exceeds the cache max_len {cache.max_len}")
+        segment_ids = (attention_mask != 0).astype(jnp.int32)
+        hidden, cache = self._forward_cached(tokens, positions, segment_ids, cache)
+        if return_all_logits:
+            return self.logits_from_hidden(hidden), cache
+        t = tokens.shape[1]
+        last = t - 1 - jnp.argmax(segment_ids[:, ::-1], axis=1)  # index of the last real token per row
+        last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return self.logits_from_hidden(last_hidden), cache
+
+    def decode_step(self, token: Array, position: Array, cache: KVCache) -> tuple[Array, KVCache]:
+        """One new token per row: token [B] int32, position [B] int32 -> (logits [B, V] float32, cache).
+
+        Writes slot `end_index` (must be < max_len, see `prefill`); every row's token counts as real.
+        """
+        ones = jnp.ones((token.shape[0], 1), jnp.int32)
+        hidden, cache = self._forward_cached(token[:, None], position[:, None], ones, cache)
+        return self.logits_from_hidden(hidden[:, 0]), cache
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    """A randomly initialized model (normal(0.02) kernels, unit norms, zero biases)."""
+    return Transformer(config, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes, dtypes and logical axes, no memory."""
+    return nnx.eval_shape(lambda: init_model(config))
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """RoPE positions for padded rows: cumsum(mask) - 1 on real tokens, 0 on pads. [B, T] -> [B, T] int32."""
+    m = (attention_mask != 0).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=1) - 1, 0) * m
