@@ -1,0 +1,1 @@
+"""The M-GRPO trainer: trajectory alignment, per-agent updates, the training loop and its modes."""
