@@ -236,8 +236,6 @@ def make_sharded_update(graphdef: nnx.GraphDef, loss_fn: Callable[[nnx.Module, A
     it compiles once; calls for different agents (different meshes) dispatch asynchronously and run
     concurrently.
     """
-    mesh = _mesh_of(param_shardings)
-
     def update(params, opt_state, batch):
         def loss_of(p):
             return loss_fn(nnx.merge(graphdef, p), batch)
@@ -246,10 +244,18 @@ def make_sharded_update(graphdef: nnx.GraphDef, loss_fn: Callable[[nnx.Module, A
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return params, opt_state, metrics
 
-    return jax.jit(update, in_shardings=(param_shardings, opt_shardings, batch_sharding),
+    return jit_sharded_step(update, param_shardings, opt_shardings, batch_sharding)
+
+
+def jit_sharded_step(step: Callable[[Any, Any, Any], tuple[Any, Any, dict]], param_shardings: Any,
+                     opt_shardings: Any, batch_sharding: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, dict]]:
+    """Jits a pure `step(params, opt_state, batch) -> (params, opt_state, metrics)` on the parameters' mesh:
+    explicit in/out shardings, params and opt_state donated, metrics replicated."""
+    mesh = _mesh_of(param_shardings)
+    return jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_sharding),
                    out_shardings=(param_shardings, opt_shardings, _replicated(mesh)), donate_argnums=(0, 1))
 
 
