@@ -19,6 +19,7 @@ RUNTIME = [
     "tensorboardX>=2.6.5,<3",
     "numpy>=2.0,<3",
     "jinja2>=3.1,<4",  # transformers renders chat templates with it
+    "bm25s>=0.3.16,<0.4",  # BM25 for the local search tool (needs only numpy; its scipy/jax speed-ups unused)
 ]
 
 EXTRAS = {

@@ -1,0 +1,206 @@
+"""Synthetic deep-research worlds: determinism, answers derivable from the documents alone, hop quotas,
+uniqueness, JSONL round trips, leakage-free splits, argument errors."""
+import collections
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from mgrpo_jax.data import corpus, synthetic
+
+
+@pytest.fixture(scope="module")
+def world():
+    return synthetic.generate_world(7, num_entities=120)
+
+
+@pytest.fixture(scope="module")
+def questions(world):
+    return synthetic.generate_questions(world, 240, hops=(1, 2, 3, 4), seed=3)
+
+
+# An independent reader of the rendered text: one pattern per relation, written from the English we expect in
+# the documents (not from the generator's templates). "{s}" is the subject's name; the group is the answer.
+_PATTERNS = {
+    "born_in": r"{s} was born in (?!the year )([^.\d]+)\.",
+    "birth_year": r"{s} was born in the year (\d{{4}})\.",
+    "profession": r"The profession of {s} was ([a-z]+)\.",
+    "mentor": r"{s} was mentored by ([^.]+)\.",
+    "employer": r"{s} worked for ([^.]+)\.",
+    "founder": r"{s} was founded by ([^.]+)\.",
+    "headquarters": r"{s} is headquartered in ([^.]+)\.",
+    "founding_year": r"{s} was established in (\d{{4}})\.",
+    "industry": r"{s} works in the field of ([a-z]+)\.",
+    "country": r"{s} lies in the country of ([^.]+)\.",
+    "mayor": r"The mayor of {s} is ([^.]+)\.",
+    "settled_year": r"{s} was first settled in (\d{{3,4}})\.",
+    "capital": r"The capital of {s} is ([^.]+)\.",
+    "currency": r"The currency of {s} is the ([a-z]+)\.",
+    "language": r"The official language of {s} is ([A-Za-z]+)\.",
+    "creator": r"{s} was created by ([^.]+)\.",
+    "kept_at": r"{s} is kept at ([^.]+)\.",
+    "creation_year": r"{s} was completed in (\d{{4}})\.",
+    "material": r"{s} is made of ([a-z]+)\.",
+}
+
+
+def _resolve(documents, head, relations):
+    """Follows `relations` from `head` reading only document titles and text: returns [(answer, doc_id)]."""
+    steps = []
+    subject = head
+    for rel in relations:
+        # An entity's documents are titled with its name, or its name and a section in parentheses.
+        docs = [d for d in documents if d.title == subject or d.title.startswith(subject + " (")]
+        assert docs, f"no document about {subject!r}"
+        pattern = re.compile("^" + _PATTERNS[rel].format(s=re.escape(subject)) + "$")
+        found = [(m.group(1), d.doc_id) for d in docs for sentence in re.split(r"(?<=\.) ", d.text)
+                 if (m := pattern.match(sentence))]
+        assert len(found) == 1, f"{rel} of {subject!r}: expected one stating sentence, found {found}"
+        steps.append(found[0])
+        subject = found[0][0]
+    return steps
+
+
+def test_answers_follow_from_the_documents_alone(world, questions):
+    docs = list(world.documents)
+    for q in questions:
+        head = q.chain[0].subject
+        relations = [h.relation for h in q.chain]
+        steps = _resolve(docs, head, relations)
+        assert steps[-1][0] == q.answer, q.question
+        # Each hop's sub-answer and the document that states it match the chain, and those are the support.
+        assert [a for a, _ in steps] == [h.answer for h in q.chain]
+        assert [d for _, d in steps] == [h.doc_id for h in q.chain]
+        assert set(q.supporting_docs) == {d for _, d in steps}
+        assert head in q.question and q.answer not in q.question
+        # Each sub-question names its subject (answerable from one document).
+        assert all(h.subject in h.question for h in q.chain)
+        # Every entity along the chain is distinct (no question that loops back to an entity it named).
+        names = [head] + [h.answer for h in q.chain if not h.answer.isdigit()]
+        assert len(names) == len(set(names))
+
+
+def test_generation_is_deterministic_and_seed_dependent():
+    a = synthetic.generate_world(11, num_entities=60)
+    b = synthetic.generate_world(11, num_entities=60)
+    c = synthetic.generate_world(12, num_entities=60)
+    assert a.documents == b.documents and a.entities == b.entities
+    assert a.documents != c.documents
+    qa = synthetic.generate_questions(a, 50, seed=5)
+    assert qa == synthetic.generate_questions(b, 50, seed=5)
+    assert qa != synthetic.generate_questions(a, 50, seed=6)
+
+
+def test_hop_counts_are_exact_quotas():
+    w = synthetic.generate_world(1, num_entities=100)
+    qs = synthetic.generate_questions(w, 100, hops=(1, 3), hop_weights=(1, 3), seed=0)
+    assert collections.Counter(q.hops for q in qs) == {1: 25, 3: 75}
+    # Uneven split: largest remainders, ties to the earlier entry; 10 over 3 equal weights -> 4, 3, 3.
+    qs = synthetic.generate_questions(w, 10, hops=(2, 1, 4), seed=0)
+    assert collections.Counter(q.hops for q in qs) == {2: 4, 1: 3, 4: 3}
+    assert all(len(q.chain) == q.hops == q.to_record()["metadata"]["hops"] for q in qs)
+
+
+def test_no_duplicate_questions_and_content_ids(world, questions):
+    assert len({q.question for q in questions}) == len(questions)
+    assert len({q.qid for q in questions}) == len(questions)
+    # The id is a function of the text: regenerating with another seed gives the same id for the same text.
+    other = {q.question: q.qid for q in synthetic.generate_questions(world, 240, seed=99)}
+    shared = [q for q in questions if q.question in other]
+    assert shared and all(other[q.question] == q.qid for q in shared)
+
+
+def test_documents_unique_ids_and_every_entity_has_a_titled_doc(world):
+    ids = [d.doc_id for d in world.documents]
+    assert len(ids) == len(set(ids))
+    titles = {d.title for d in world.documents}
+    assert all(e.name in titles for e in world.entities)
+    names = [e.name for e in world.entities]
+    assert len(names) == len(set(names))
+    assert collections.Counter(e.kind for e in world.entities).keys() == set(synthetic.KINDS)
+    # Distractors exist: some sentences state no relation at all.
+    all_patterns = [re.compile(p.format(s=r".+?")) for p in _PATTERNS.values()]
+    sentences = [s for d in world.documents for s in re.split(r"(?<=\.) ", d.text)]
+    assert any(not any(p.fullmatch(s) for p in all_patterns) for s in sentences)
+
+
+def test_multi_doc_entities_spread_their_facts():
+    w = synthetic.generate_world(3, num_entities=40, max_docs_per_entity=3)
+    titled = collections.Counter(d.title.split(" (")[0] for d in w.documents)
+    assert max(titled.values()) > 1
+    one = synthetic.generate_world(3, num_entities=40, max_docs_per_entity=1, distractors=(0, 0))
+    assert len(one.documents) == 40
+
+
+def test_jsonl_round_trips(tmp_path, world, questions):
+    cpath, qpath = tmp_path / "corpus.jsonl", tmp_path / "qa.jsonl"
+    assert corpus.write_corpus_jsonl(world.documents, cpath) == len(world.documents)
+    assert corpus.read_corpus_jsonl(cpath) == list(world.documents)
+    # Search-R1's reader only sees "contents": the title is its quoted first line.
+    first = json.loads(cpath.read_text().splitlines()[0])
+    assert first["contents"] == f'"{first["title"]}"\n{first["text"]}'
+    assert corpus.Document.from_record({"id": first["id"], "contents": first["contents"]}) == world.documents[0]
+
+    assert synthetic.write_questions_jsonl(questions, qpath) == len(questions)
+    assert synthetic.read_questions_jsonl(qpath) == questions
+    row = json.loads(qpath.read_text().splitlines()[0])
+    assert set(row) == {"question", "answer", "id", "metadata"}
+    assert {"hops", "chain", "supporting_docs"} <= set(row["metadata"])
+
+
+def test_bad_jsonl_lines_name_the_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"id": "a", "title": "t", "text": "x"}\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        corpus.read_corpus_jsonl(p)
+    p.write_text('{"id": "a", "title": "t", "text": "x"}\n{"id": "a", "contents": "\\"t\\"\\ny"}\n')
+    with pytest.raises(ValueError, match="duplicate doc id 'a'"):
+        corpus.read_corpus_jsonl(p)
+    p.write_text('{"question": "q", "answer": "a", "id": "1", "metadata": {}}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1.*chain"):
+        synthetic.read_questions_jsonl(p)
+
+
+@pytest.mark.parametrize("group_by", synthetic.SPLIT_GROUPS)
+def test_split_is_disjoint_and_complete(questions, group_by):
+    train, held = synthetic.split_questions(questions, 0.25, seed=1, group_by=group_by)
+    assert len(train) + len(held) == len(questions)
+    assert not {q.qid for q in train} & {q.qid for q in held}
+    assert not {q.question for q in train} & {q.question for q in held}
+    assert len(held) >= 0.25 * len(questions)
+    if group_by == "head":
+        assert not {q.chain[0].subject for q in train} & {q.chain[0].subject for q in held}
+    assert (train, held) == synthetic.split_questions(questions, 0.25, seed=1, group_by=group_by)
+    with pytest.raises(ValueError, match="duplicate"):
+        synthetic.split_questions(questions + questions[:1], 0.25)
+
+
+def test_argument_errors(world):
+    with pytest.raises(ValueError, match="num_entities"):
+        synthetic.generate_world(0, num_entities=5)
+    with pytest.raises(ValueError, match="max_docs_per_entity"):
+        synthetic.generate_world(0, max_docs_per_entity=0)
+    with pytest.raises(ValueError, match="distractors"):
+        synthetic.generate_world(0, distractors=(3, 1))
+    with pytest.raises(ValueError, match="hops"):
+        synthetic.generate_questions(world, 5, hops=(0, 2))
+    with pytest.raises(ValueError, match="hops"):
+        synthetic.generate_questions(world, 5, hops=(2, 2))
+    with pytest.raises(ValueError, match="hop_weights"):
+        synthetic.generate_questions(world, 5, hops=(1, 2), hop_weights=(1,))
+    with pytest.raises(ValueError, match="n must be"):
+        synthetic.generate_questions(world, 0)
+    with pytest.raises(ValueError, match="larger world"):
+        synthetic.generate_questions(synthetic.generate_world(0, 20), 500, hops=(1,), max_attempts_per_question=20)
+    with pytest.raises(ValueError, match="group_by='entity'.*choose one of"):
+        synthetic.split_questions([], group_by="entity")
+    with pytest.raises(ValueError, match="held_out_fraction"):
+        synthetic.split_questions([], held_out_fraction=1.0)
+
+
+def test_host_side_only():
+    # The data modules run in data loaders and tool servers: importing them must not pull in JAX.
+    code = "import sys, mgrpo_jax.data.synthetic; sys.exit('jax' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
