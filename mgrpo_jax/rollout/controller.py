@@ -1,0 +1,401 @@
+"""The multi-agent episode controller: Q x K main episodes in lockstep turns, sub-agent episodes batched.
+
+One rollout (MGRPO.md, "One rollout"): the main agent M takes turns; each turn is one action. A delegation
+runs a whole sub-agent episode whose result comes back as M's observation; a tool action of M's own is
+answered by its tool; an answer ends the rollout. A sub-agent S takes turns of `search` / `read` tool calls
+and ends with a result.
+
+Batching: at each main turn every active main episode's next generation goes into one sampler batch; the
+sub-agent episodes that those turns delegated, from all rollouts together, then run in lockstep turns of
+their own, one sampler batch per turn; all tool calls of a turn run concurrently with timeouts.
+
+Token-exact records (LESSONS.md, item 6): an episode is one growing token sequence: the prompt (rendered
+once through the tokenizer's chat template), then for each turn the sampled token ids exactly as sampled
+(loss mask 1, behaviour log-probs) and the observation's tokens (loss mask 0). Nothing is ever re-tokenized.
+
+Limits: max turns per agent, max delegations per rollout, max context tokens per agent and max tokens per
+turn (the sampler's `max_new_tokens`). An episode that hits one ends, is recorded, and counts as a format
+failure (its `finish_reason` says which limit). So do malformed turns (`finish_reason="format_error"`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from mgrpo_jax.rollout.protocol import AgentProtocol
+from mgrpo_jax.rollout.sampler import Sample
+
+FINISH_OK = ("answer", "result")
+FINISH_FAILED = ("format_error", "max_turns", "max_context", "max_delegations")
+
+
+class Policy(Protocol):
+    """What the controller needs of an agent's model: batched generation at a policy version."""
+
+    version: int
+
+    def generate(self, prompts: Sequence[Sequence[int]], rng: jax.Array,
+                 stop_sequences: Sequence[Sequence[int]]) -> list[Sample]: ...
+
+
+class SamplerPolicy:
+    """A `Sampler` plus the agent's current parameters; the trainer swaps `params` after each update."""
+
+    def __init__(self, sampler, params, version: int = 0):
+        self.sampler, self.params, self.version = sampler, params, version
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.sampler.config.max_new_tokens
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.sampler.config.prompt_buckets[-1]
+
+    def update(self, params, version: int) -> None:
+        self.params, self.version = params, version
+
+    def generate(self, prompts, rng, stop_sequences):
+        return self.sampler.generate(self.params, prompts, rng, stop_sequences)
+
+
+ToolRunner = Callable[[Sequence[tuple[str, str]]], list[str]]
+"""Runs (tool name, argument) calls concurrently; returns one observation text per call, never raises."""
+
+
+class ToolSet:
+    """A `ToolRunner` over named tools (`mgrpo_jax.rollout.tools.Tool`): one turn's calls are grouped by tool
+    and each group runs through the tool's concurrent, timed `call_many` (failures become error observations)."""
+
+    def __init__(self, tools: Mapping[str, Any]):
+        self.tools = dict(tools)
+
+    def __call__(self, calls: Sequence[tuple[str, str]]) -> list[str]:
+        out: list[str | None] = [None] * len(calls)
+        by_tool: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(calls):
+            by_tool.setdefault(name, []).append(i)
+        for name, idx in by_tool.items():
+            tool = self.tools.get(name)
+            if tool is None:
+                texts = [f"[{name} error: no such tool; available: {sorted(self.tools)}]"] * len(idx)
+            else:
+                texts = tool.call_many([calls[i][1] for i in idx])
+            for i, text in zip(idx, texts):
+                out[i] = text
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    """Episode limits and prompts. `max_*_context` bound each agent's whole token sequence."""
+
+    max_main_turns: int = 8
+    max_sub_turns: int = 6
+    max_delegations: int = 4
+    max_main_context: int = 2048
+    max_sub_context: int = 1024
+    max_observation_tokens: int = 256
+    main_system_prompt: str = (
+        "You answer questions by delegating research. Each turn, write exactly one action: "
+        "<delegate>a self-contained sub-question</delegate> to have a research assistant find a fact, or "
+        "<answer>the final short answer</answer>. Results come back in <information>...</information>.")
+    sub_system_prompt: str = (
+        "You are a research assistant. Each turn, write exactly one action: <search>query</search> to search "
+        "the documents, <read>doc-id</read> to read one, or <result>the fact you found</result> to finish. "
+        "Tool output comes back in <information>...</information>.")
+    single_system_prompt: str = (
+        "You answer questions by searching documents. Each turn, write exactly one action: "
+        "<search>query</search>, <read>doc-id</read>, or <answer>the final short answer</answer>. "
+        "Tool output comes back in <information>...</information>.")
+
+    def __post_init__(self):
+        for key in ("max_main_turns", "max_sub_turns", "max_main_context", "max_sub_context",
+                    "max_observation_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"controller.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_delegations < 0:
+            raise ValueError(f"controller.max_delegations must be >= 0, got {self.max_delegations}")
+
+
+@dataclasses.dataclass
+class Trajectory:
+    """One agent episode, token-exact.
+
+    tokens, loss_mask, logprobs: [L] (prompt + every turn). loss_mask is 1 exactly on the tokens this agent
+    sampled; logprobs holds their behaviour log-probs (0 elsewhere). turns: [start, end) of each sampled span.
+    Ids: `query`, `rollout` (k), `call` (i-th delegation of that rollout; -1 for a main trajectory).
+    """
+
+    agent: str
+    query: int
+    rollout: int
+    call: int
+    prompt_len: int
+    tokens: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    turns: list[tuple[int, int]]
+    final: str | None
+    finish_reason: str
+    error: str | None
+    policy_version: int
+    tool_calls: int = 0
+    truncated_observations: int = 0
+
+    @property
+    def format_ok(self) -> bool:
+        return self.finish_reason in FINISH_OK
+
+    @property
+    def num_sampled(self) -> int:
+        return int(sum(self.loss_mask))
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """All trajectories of Q queries x K rollouts.
+
+    main: Q*K trajectories in (query, rollout) order. sub: every sub trajectory in (query, rollout, call)
+    order (the flat order `train.alignment` indexes). sub_counts: [Q, K] d_k.
+    """
+
+    main: list[Trajectory]
+    sub: list[Trajectory]
+    sub_counts: np.ndarray
+    stats: dict[str, Any]
+
+
+class _Episode:
+    """A running episode: the growing token record plus its bookkeeping."""
+
+    def __init__(self, agent: str, query: int, rollout: int, call: int, prompt: list[int], version: int):
+        self.traj = Trajectory(agent, query, rollout, call, len(prompt), list(prompt), [0] * len(prompt),
+                               [0.0] * len(prompt), [], None, "", None, version)
+        self.turns = 0
+        self.delegations = 0
+        self.waiting: tuple[str, str] | None = None  # the pending (action, argument) of this turn
+
+    @property
+    def done(self) -> bool:
+        return bool(self.traj.finish_reason)
+
+    def end(self, reason: str, error: str | None = None, final: str | None = None) -> None:
+        self.traj.finish_reason, self.traj.error, self.traj.final = reason, error, final
+
+    def add_sampled(self, sample: Sample) -> None:
+        start = len(self.traj.tokens)
+        self.traj.tokens += [int(t) for t in sample.tokens]
+        self.traj.loss_mask += [1] * len(sample.tokens)
+        self.traj.logprobs += [float(x) for x in sample.logprobs]
+        self.traj.turns.append((start, len(self.traj.tokens)))
+        self.turns += 1
+
+    def add_observation(self, ids: list[int], truncated: bool) -> None:
+        self.traj.tokens += ids
+        self.traj.loss_mask += [0] * len(ids)
+        self.traj.logprobs += [0.0] * len(ids)
+        self.traj.truncated_observations += int(truncated)
+
+
+class TextCodec:
+    """The tokenizer side of the protocol: prompts through the chat template, observations, stop tokens."""
+
+    def __init__(self, tokenizer: Any, max_observation_tokens: int):
+        self.tokenizer = tokenizer
+        self.max_observation_tokens = max_observation_tokens
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def prompt(self, system: str, user: str) -> list[int]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        if getattr(self.tokenizer, "chat_template", None):
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = out["input_ids"] if isinstance(out, Mapping) or hasattr(out, "keys") else out
+            return [int(i) for i in ids]
+        return self.encode(f"System: {system}\nUser: {user}\nAssistant:")
+
+    def observation(self, protocol: AgentProtocol, text: str) -> tuple[list[int], bool]:
+        """Observation tokens: the text's first `max_observation_tokens` tokens inside the wrapper tags."""
+        body = self.encode(text)
+        truncated = len(body) > self.max_observation_tokens
+        body = body[: self.max_observation_tokens]
+        tag = protocol.observation_tag
+        return self.encode(f"\n<{tag}>") + body + self.encode(f"</{tag}>\n"), truncated
+
+    def stop_sequences(self, protocol: AgentProtocol) -> list[list[int]]:
+        return [self.encode(s) for s in protocol.stop_sequences]
+
+
+class Controller:
+    """Runs M-GRPO rollouts for a main agent (and its sub-agent), or for a single agent with tools.
+
+    main_protocol decides the setting: a main protocol whose tool actions include the delegate tag delegates
+    to `sub_policy`; its other tool actions (and all of a single agent's) go to `tools`.
+    """
+
+    def __init__(self, *, config: ControllerConfig, codec: TextCodec, main_policy: Policy,
+                 main_protocol: AgentProtocol, tools: ToolRunner, sub_policy: Policy | None = None,
+                 sub_protocol: AgentProtocol | None = None, delegate_action: str | None = "delegate"):
+        self.config, self.codec, self.tools = config, codec, tools
+        self.main_policy, self.main_protocol = main_policy, main_protocol
+        self.sub_policy, self.sub_protocol = sub_policy, sub_protocol
+        self.delegate_action = delegate_action if delegate_action in main_protocol.tool_actions else None
+        if self.delegate_action and (sub_policy is None or sub_protocol is None):
+            raise ValueError(f"the main protocol has a <{delegate_action}> action: pass sub_policy and sub_protocol")
+        self._check_context(main_policy, config.max_main_context, "max_main_context")
+        if self.delegate_action:
+            self._check_context(sub_policy, config.max_sub_context, "max_sub_context")
+        self.main_stops = codec.stop_sequences(main_protocol)
+        self.sub_stops = codec.stop_sequences(sub_protocol) if sub_protocol else []
+
+    @staticmethod
+    def _check_context(policy, max_context: int, key: str) -> None:
+        # A prompt may grow to max_context - max_new_tokens tokens; the sampler must take it without truncating.
+        longest = getattr(policy, "max_prompt_tokens", None)
+        new = getattr(policy, "max_new_tokens", 0)
+        if longest is not None and max_context - new > longest:
+            raise ValueError(f"controller.{key}={max_context} allows prompts of {max_context - new} tokens but the "
+                             f"sampler's largest prompt bucket is {longest}; raise sampler.prompt_buckets or lower "
+                             f"controller.{key}")
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def run(self, questions: Sequence[str], num_rollouts: int, rng: jax.Array) -> RolloutBatch:
+        """Q questions x K rollouts -> every main and sub trajectory, token-exact, plus statistics."""
+        if num_rollouts < 1 or not questions:
+            raise ValueError(f"need at least one question and num_rollouts >= 1, got {len(questions)}, {num_rollouts}")
+        cfg, started = self.config, time.perf_counter()
+        timers = Counter()
+        system = cfg.main_system_prompt if self.delegate_action else cfg.single_system_prompt
+        agent = "main" if self.delegate_action else "single"
+        prompts = [self.codec.prompt(system, q) for q in questions]
+        episodes = [_Episode(agent, q, k, -1, prompts[q], self.main_policy.version)
+                    for q in range(len(questions)) for k in range(num_rollouts)]
+        subs: list[_Episode] = []
+        turn = 0
+        while True:
+            active = self._admit(episodes, cfg.max_main_context, self.main_policy)
+            if not active:
+                break
+            rng, key, sub_key = jax.random.split(rng, 3)
+            t0 = time.perf_counter()
+            samples = self.main_policy.generate([e.traj.tokens for e in active], key, self.main_stops)
+            timers["main_generate_s"] += time.perf_counter() - t0
+            delegations, calls = [], []
+            for ep, sample in zip(active, samples):
+                action = self._take_turn(ep, sample, self.main_protocol, cfg.max_main_turns)
+                if action is None:
+                    continue
+                if action.kind == self.delegate_action:
+                    if ep.delegations >= cfg.max_delegations:
+                        ep.end("max_delegations", f"more than {cfg.max_delegations} delegations")
+                        continue
+                    delegations.append((ep, action.argument))
+                    ep.delegations += 1
+                else:
+                    calls.append((ep, action.kind, action.argument))
+            observations = self._run_tools(calls, self.main_protocol, timers)
+            if delegations:
+                t0 = time.perf_counter()
+                results, finished = self._run_sub_episodes(delegations, sub_key, timers)
+                timers["sub_episodes_s"] += time.perf_counter() - t0
+                subs += finished
+                observations += [(ep, text) for (ep, _), text in zip(delegations, results)]
+            for ep, text in observations:
+                ids, truncated = self.codec.observation(self.main_protocol, text)
+                ep.add_observation(ids, truncated)
+            turn += 1
+
+        subs.sort(key=lambda e: (e.traj.query, e.traj.rollout, e.traj.call))
+        counts = np.zeros((len(questions), num_rollouts), np.int32)
+        for e in subs:
+            counts[e.traj.query, e.traj.rollout] += 1
+        main = [e.traj for e in episodes]
+        sub = [e.traj for e in subs]
+        stats = dict(timers, rollout_s=time.perf_counter() - started, main_turns=turn)
+        stats.update(_finish_counts(f"{agent}_finish", main))
+        stats.update(_finish_counts("sub_finish", sub))
+        stats["delegations_per_rollout"] = float(counts.mean())
+        return RolloutBatch(main, sub, counts, stats)
+
+    def _admit(self, episodes: list[_Episode], max_context: int, policy) -> list[_Episode]:
+        """The episodes that take another turn; ends those whose context cannot fit one more turn."""
+        room = getattr(policy, "max_new_tokens", 0)
+        active = []
+        for ep in episodes:
+            if ep.done:
+                continue
+            if len(ep.traj.tokens) + room > max_context:
+                ep.end("max_context", f"{len(ep.traj.tokens)} tokens + a turn of {room} exceed {max_context}")
+                continue
+            active.append(ep)
+        return active
+
+    def _take_turn(self, ep: _Episode, sample: Sample, protocol: AgentProtocol, max_turns: int):
+        """Records the sampled turn and parses it; returns the tool action to run, or None if the episode ended."""
+        ep.add_sampled(sample)
+        action = protocol.parse(self.codec.decode(sample.tokens))
+        if not action.format_ok:
+            ep.end("format_error", action.error)
+            return None
+        if action.is_final:
+            ep.end("result" if protocol.role == "sub" else "answer", final=action.argument)
+            return None
+        if ep.turns >= max_turns:
+            ep.end("max_turns", f"no {protocol.final_action} within {max_turns} turns")
+            return None
+        ep.traj.tool_calls += 1
+        return action
+
+    def _run_tools(self, calls, protocol: AgentProtocol, timers: Counter) -> list[tuple[_Episode, str]]:
+        if not calls:
+            return []
+        t0 = time.perf_counter()
+        texts = self.tools([(kind, argument) for _, kind, argument in calls])
+        timers["tool_s"] += time.perf_counter() - t0
+        timers["tool_calls"] += len(calls)
+        return [(ep, text) for (ep, _, _), text in zip(calls, texts)]
+
+    def _run_sub_episodes(self, delegations, rng, timers: Counter) -> tuple[list[str], list[_Episode]]:
+        """Runs one sub-agent episode per delegation, all in lockstep; returns the main agent's observations."""
+        cfg = self.config
+        episodes = []
+        for ep, subtask in delegations:
+            prompt = self.codec.prompt(cfg.sub_system_prompt, subtask)
+            episodes.append(_Episode("sub", ep.traj.query, ep.traj.rollout, ep.delegations - 1, prompt,
+                                     self.sub_policy.version))
+        while True:
+            active = self._admit(episodes, cfg.max_sub_context, self.sub_policy)
+            if not active:
+                break
+            rng, key = jax.random.split(rng)
+            t0 = time.perf_counter()
+            samples = self.sub_policy.generate([e.traj.tokens for e in active], key, self.sub_stops)
+            timers["sub_generate_s"] += time.perf_counter() - t0
+            calls = []
+            for ep, sample in zip(active, samples):
+                action = self._take_turn(ep, sample, self.sub_protocol, cfg.max_sub_turns)
+                if action is not None:
+                    calls.append((ep, action.kind, action.argument))
+            for ep, text in self._run_tools(calls, self.sub_protocol, timers):
+                ids, truncated = self.codec.observation(self.sub_protocol, text)
+                ep.add_observation(ids, truncated)
+        results = [e.traj.final if e.traj.format_ok else f"[sub-agent failed: {e.traj.finish_reason}]"
+                   for e in episodes]
+        return results, episodes
+
+
+def _finish_counts(prefix: str, trajectories: Sequence[Trajectory]) -> dict[str, int]:
+    counts = Counter(t.finish_reason for t in trajectories)
+    return {f"{prefix}/{reason}": int(n) for reason, n in sorted(counts.items())}
