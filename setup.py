@@ -20,6 +20,8 @@ RUNTIME = [
     "numpy>=2.0,<3",
     "jinja2>=3.1,<4",  # transformers renders chat templates with it
     "bm25s>=0.3.16,<0.4",  # BM25 for the local search tool (needs only numpy; its scipy/jax speed-ups unused)
+    "redis>=8.1,<9",  # client of the Redis trajectory store (decoupled mode across hosts); imported lazily
+    "pyarrow>=26.0.1,<27",  # Parquet QA files (data/pipeline.py)
 ]
 
 EXTRAS = {
