@@ -1,0 +1,69 @@
+"""Per-phase time of M-GRPO steps on the tiny CPU config: rollout, rewards, alignment, each agent's update.
+
+    python bench/train_step.py [--steps 6] [--mode co_train] [--workdir /tmp/mgrpo_bench]
+
+Builds the run exactly as `launch/train.py` does (configs/tiny_cpu.py), runs `--steps` steps, and prints
+each phase's median time over the steps after the first (which compiles), tokens/s per agent (the agent's
+sampled tokens in its batch / the update phase), and each agent's compile count. Prints; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from configs import tiny_cpu  # noqa: E402
+from mgrpo_jax.compilation import CompileCounter  # noqa: E402
+from mgrpo_jax.data.synthetic import read_questions_jsonl  # noqa: E402
+from mgrpo_jax.experiment import build_experiment  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--mode", default="co_train")
+    parser.add_argument("--workdir", default="/tmp/mgrpo_bench_train_step")
+    args = parser.parse_args()
+    config = tiny_cpu.get_config()
+    config.mode = args.mode
+    start = time.perf_counter()
+    exp = build_experiment(config, args.workdir)
+    print(f"built the {args.mode} run in {time.perf_counter() - start:.1f} s "
+          f"(Q={config.mgrpo.num_queries}, K={config.mgrpo.num_rollouts}, D_max={config.mgrpo.alignment.d_max})")
+    questions = read_questions_jsonl(exp.data.train_files[0])
+    q = config.mgrpo.num_queries
+    rows = []
+    with CompileCounter() as compiles:
+        for step in range(args.steps):
+            batch = questions[step * q:(step + 1) * q]
+            t0 = time.perf_counter()
+            metrics = exp.loop.step([x.question for x in batch], [x.answer for x in batch]).metrics
+            metrics["time/step_s"] = time.perf_counter() - t0
+            rows.append(metrics)
+            if step == 0:
+                first_compiles = compiles.count
+    steady = rows[1:] or rows
+    phases = ["time/rollout_s", "time/rewards_s", "time/alignment_s", "time/update_s", "time/step_s",
+              "rollout/main_generate_s", "rollout/sub_generate_s", "rollout/tool_s"]
+    print(f"\nmedian over steps 2..{args.steps} (step 1 compiles: {rows[0]['time/step_s']:.1f} s)")
+    for key in phases:
+        values = [r[key] for r in steady if key in r]
+        if values:
+            print(f"  {key:26s} {statistics.median(values):8.3f} s")
+    for agent in ("main", "sub", "shared"):
+        key = f"{agent}/tokens_per_s"
+        if key in steady[-1]:
+            print(f"  {agent:6s} update: {statistics.median(r[key] for r in steady):9.1f} sampled tokens/s, "
+                  f"compile count {int(steady[-1][f'{agent}/compile_count'])}, "
+                  f"{int(steady[-1][f'{agent}/num_tokens'])} loss tokens per update")
+    print(f"  XLA compilations in the process: {first_compiles} during step 1, "
+          f"{compiles.count - first_compiles} during steps 2..{args.steps}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The embedded default: M-GRPO on a generated deep-research task with tiny models, local BM25 search, CPU.
+
+Hardware: one CPU machine (2 cores are enough); main and sub-agent each on their own (fake or real) CPU
+device. Runs in minutes. Every key of every config lives here; the other presets start from this one.
+
+    python launch/train.py --config configs/tiny_cpu.py --workdir /tmp/mgrpo_tiny
+    python launch/train.py --config configs/tiny_cpu.py --config.mode=main_only --config.total_steps=10 ...
+"""
+from ml_collections import ConfigDict
+
+
+def agent(hidden: int = 64, layers: int = 2, devices: int = 1) -> ConfigDict:
+    """One agent: its model, mesh, sampler, optimizer and loss."""
+    return ConfigDict({
+        "checkpoint": "",  # a Hugging Face directory to start from; "" = random init from `model`
+        "model": {"architecture": "qwen3", "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                  "num_layers": layers, "num_heads": 4, "num_kv_heads": 2, "head_dim": hidden // 4,
+                  "tie_word_embeddings": True, "param_dtype": "float32", "dtype": "float32", "remat": False},
+        "mesh": {"devices": devices, "fsdp": devices, "tp": 1},
+        "sampler": {"batch_size": 16, "max_new_tokens": 24, "prompt_buckets": (128, 256, 488),
+                    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "overflow": "error"},
+        "optimizer": {"learning_rate": 1e-4, "schedule": "constant", "warmup_steps": 0, "total_steps": 1000,
+                      "b1": 0.9, "b2": 0.98, "weight_decay": 0.1, "max_grad_norm": 1.0},
+        "loss": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0, "agg": "seq-mean-token-mean",
+                 "kl_coef": 0.0, "kl_kind": "k3", "entropy_coef": 0.0, "temperature": 1.0, "chunk_size": 512,
+                 "ppo_epochs": 1, "micro_batch_size": 8},
+    })
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.mode = "co_train"  # co_train | main_only | single_agent | shared_model
+    c.total_steps = 20
+    c.log_every = 1
+    c.eval_every = 0  # steps between held-out evaluations (0: only at the end)
+    c.eval_questions = 32
+
+    c.task = ConfigDict({
+        "kind": "synthetic",  # synthetic | files
+        "world_seed": 0, "num_entities": 80, "num_questions": 400, "hops": (1, 2), "hop_weights": (),
+        "heldout_fraction": 0.15,
+        "train_files": (), "eval_files": (), "corpus_file": "", "retriever_url": "",
+        "search_top_k": 2, "snippet_chars": 120, "tool_timeout_s": 10.0,
+        "shuffle": True, "on_bad_row": "error",  # error | skip
+    })
+    c.tokenizer = ConfigDict({"path": "", "vocab_size": 1024})
+    c.protocol = ConfigDict({"delegate": "delegate", "answer": "answer", "search": "search", "read": "read",
+                             "result": "result", "observation": "information"})
+    c.controller = ConfigDict({"max_main_turns": 4, "max_sub_turns": 3, "max_delegations": 2,
+                               "max_main_context": 512, "max_sub_context": 512, "max_observation_tokens": 64})
+    c.agents = ConfigDict({"main": agent(), "sub": agent()})
+    c.mgrpo = ConfigDict({
+        "num_queries": 4, "num_rollouts": 4,
+        "advantage_scale": "std", "advantage_eps": 1e-6, "advantage_ddof": 0, "sub_group": "per_query",
+        "alignment": {"d_max": 2, "pad_mode": "duplicate", "fill_empty_from_siblings": True,
+                      "reweight_duplicates": False},
+        "rewards": {"alpha_f": 0.1, "alpha_c": 0.9, "beta_f": 0.1, "beta_m": 0.9, "beta_j": 0.0, "correct": "em"},
+    })
+    c.checkpoint = ConfigDict({"save_interval_steps": 10, "max_to_keep": 2})
+    return c

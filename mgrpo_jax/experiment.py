@@ -1,0 +1,195 @@
+"""A config (`configs/*.py`, an ml_collections ConfigDict) -> every running part of an M-GRPO run.
+
+`build_experiment(config, workdir)` validates the whole config once, with errors that name the key, then
+builds, in order: the task data (a generated world written to workdir/data, or the user's files), the
+tokenizer (trained locally or loaded), one mesh per agent, the models (random or a Hugging Face
+checkpoint, born sharded on their mesh), a sampler per agent, tools, the controller, the agents' trainers and
+the M-GRPO loop. Launch scripts, benchmarks and tests all build runs through it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+
+from mgrpo_jax import sharding
+from mgrpo_jax.models import ModelConfig, init_model
+from mgrpo_jax.rollout.controller import Controller, ControllerConfig, SamplerPolicy, TextCodec, ToolSet
+from mgrpo_jax.rollout.protocol import ProtocolConfig
+from mgrpo_jax.rollout.rewards import RewardConfig
+from mgrpo_jax.rollout.sampler import Sampler, SamplerConfig
+from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig
+from mgrpo_jax.train.alignment import AlignmentConfig
+from mgrpo_jax.train.mgrpo import MGRPOConfig, MGRPOTrainer
+
+TASK_KINDS = ("synthetic", "files")
+MODEL_KEYS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+              "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "param_dtype", "dtype", "remat")
+
+
+def to_dict(value: Any) -> Any:
+    """ConfigDict (locked or not) / FrozenConfigDict / mapping -> plain nested dicts."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: to_dict(v) for k, v in value.items()}
+    return value
+
+
+def make(cls, values: Mapping[str, Any] | None, where: str, **extra):
+    """`cls(**values, **extra)` with errors that name the config key: unknown keys and bad values."""
+    values = dict(to_dict(values) or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"config {where}: unknown key(s) {unknown}; allowed: {sorted(names - set(extra))}")
+    for key, value in list(values.items()):
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    try:
+        return cls(**values, **extra)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config {where}: {e}") from e
+
+
+@dataclasses.dataclass
+class Agent:
+    """One agent's parts: model config, graph, mesh, sampler policy and (when it trains) its trainer."""
+
+    name: str
+    model_config: ModelConfig
+    graphdef: nnx.GraphDef
+    mesh: jax.sharding.Mesh
+    policy: SamplerPolicy
+    trainer: AgentTrainer | None
+
+
+@dataclasses.dataclass
+class Experiment:
+    config: Any
+    workdir: str
+    tokenizer: Any
+    data: Any  # mgrpo_jax.data.task.TaskData
+    agents: dict[str, Agent]
+    controller: Controller
+    loop: MGRPOTrainer
+
+
+def _model_config(agent_cfg, vocab_size: int, where: str) -> ModelConfig:
+    values = dict(to_dict(agent_cfg.model))
+    unknown = sorted(set(values) - set(MODEL_KEYS))
+    if unknown:
+        raise ValueError(f"config {where}.model: unknown key(s) {unknown}; allowed: {list(MODEL_KEYS)}")
+    return make(ModelConfig, values, f"{where}.model", vocab_size=vocab_size,
+                max_position_embeddings=max(8192, vocab_size))
+
+
+def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
+    """(graphdef, params, param_shardings, model_config), born sharded on `mesh`."""
+    from mgrpo_jax.models import hf
+
+    checkpoint = agent_cfg.get("checkpoint", "")
+    if checkpoint:
+        model_cfg = hf.load_config(checkpoint, param_dtype=agent_cfg.model.get("param_dtype", "float32"),
+                                   dtype=agent_cfg.model.get("dtype", "float32"),
+                                   remat=agent_cfg.model.get("remat", False))
+        hf.check_tokenizer(tokenizer, model_cfg, where=f"{where} tokenizer")
+        shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(lambda: init_model(model_cfg))), mesh)
+        graphdef, params = hf.load_params(checkpoint, model_cfg, shardings=shardings)
+        return graphdef, params, shardings, model_cfg
+    model_cfg = _model_config(agent_cfg, len(tokenizer), where)
+    graphdef, params, shardings = sharding.born_sharded(lambda: init_model(model_cfg, seed=seed), mesh)
+    return graphdef, params, shardings, model_cfg
+
+
+def build_experiment(config, workdir: str) -> Experiment:
+    """Builds a run from its config (see configs/tiny_cpu.py for every key)."""
+    from mgrpo_jax.data.task import load_task
+
+    os.makedirs(workdir, exist_ok=True)
+    mgrpo_cfg = config.mgrpo
+    mode = config.mode
+    protocol = make(ProtocolConfig, config.get("protocol", {}), "protocol")
+    controller_cfg = make(ControllerConfig, config.controller, "controller")
+    data = load_task(config, workdir, protocol)
+    tokenizer = data.tokenizer
+
+    roles = ["main"] if mode == "single_agent" else ["main", "sub"]
+    layout = {role: to_dict(config.agents[role].mesh) for role in roles}
+    if mode == "shared_model":
+        layout["sub"] = {"shared_with": "main"}
+    for role in roles:
+        layout[role] = {k: v for k, v in layout[role].items() if v not in ("", None)}
+    meshes = sharding.make_agent_meshes(layout)
+
+    alignment = make(AlignmentConfig, mgrpo_cfg.alignment, "mgrpo.alignment")
+    rewards = make(RewardConfig, mgrpo_cfg.rewards, "mgrpo.rewards")
+    loop_values = {k: v for k, v in to_dict(mgrpo_cfg).items() if k not in ("alignment", "rewards", "num_queries")}
+    loop_cfg = make(MGRPOConfig, loop_values, "mgrpo", mode=mode, alignment=alignment, rewards=rewards,
+                    main_max_len=controller_cfg.max_main_context, sub_max_len=controller_cfg.max_sub_context,
+                    pad_id=tokenizer.pad_token_id, seed=config.seed)
+    num_queries = int(mgrpo_cfg.num_queries)
+    if num_queries < 1:
+        raise ValueError(f"config mgrpo.num_queries must be >= 1, got {num_queries}")
+    rows = {"main": num_queries * loop_cfg.num_rollouts}
+    d_max = alignment.d_max
+    if d_max != "auto":
+        rows["sub"] = rows["main"] * d_max
+    if mode == "shared_model":
+        rows["main"] += rows["sub"]
+
+    agents: dict[str, Agent] = {}
+    trainers: dict[str, Any] = {}
+    model_roles = ["main"] if mode in ("single_agent", "shared_model") else ["main", "sub"]
+    for i, role in enumerate(model_roles):
+        where = f"agents.{role}"
+        agent_cfg = config.agents[role]
+        graphdef, params, shardings, model_cfg = _load_or_init(agent_cfg, tokenizer, meshes[role], where,
+                                                               seed=config.seed + i)
+        sampler_cfg = make(SamplerConfig, agent_cfg.sampler, f"{where}.sampler", eos_ids=(tokenizer.eos_token_id,),
+                           pad_id=tokenizer.pad_token_id)
+        policy = SamplerPolicy(Sampler(graphdef, model_cfg, sampler_cfg), params)
+        trainer = None
+        trains = role == "main" or mode == "co_train"
+        if trains:
+            optimizer = make(OptimizerConfig, agent_cfg.optimizer, f"{where}.optimizer")
+            loss = make(LossConfig, agent_cfg.loss, f"{where}.loss")
+            if loss.temperature != sampler_cfg.temperature and sampler_cfg.temperature > 0:
+                raise ValueError(f"config {where}.loss.temperature={loss.temperature} differs from {where}.sampler."
+                                 f"temperature={sampler_cfg.temperature}: the trainer must score tokens under the "
+                                 "distribution they were sampled from (set both to the same value)")
+            ref = jax.tree.map(lambda x: x.copy(), params) if loss.kl_coef else None
+
+            def factory(num_rows, role=role, graphdef=graphdef, params=params, shardings=shardings,
+                        optimizer=optimizer, loss=loss, ref=ref):
+                for n in (num_rows,):
+                    if n % loss.micro_batch_size:
+                        raise ValueError(f"config agents.{role}: {n} rows per update do not divide into "
+                                         f"loss.micro_batch_size={loss.micro_batch_size}")
+                return AgentTrainer(role, graphdef, params, shardings, optimizer, loss, num_rows, ref_params=ref)
+
+            if role in rows:
+                trainer = factory(rows[role])
+                trainers[role] = trainer
+                policy.update(trainer.params, trainer.version)
+            else:
+                trainers[role] = factory  # built when D_max is known (alignment.d_max = "auto")
+        agents[role] = Agent(role, model_cfg, graphdef, meshes[role], policy, trainer)
+    if mode == "shared_model":
+        trainers["sub"] = trainers["main"]
+        agents["sub"] = agents["main"]
+
+    tools = ToolSet(data.tools)
+    controller = Controller(
+        config=controller_cfg, codec=TextCodec(tokenizer, controller_cfg.max_observation_tokens),
+        main_policy=agents["main"].policy,
+        main_protocol=protocol.single() if mode == "single_agent" else protocol.main(), tools=tools,
+        sub_policy=None if mode == "single_agent" else agents["sub"].policy,
+        sub_protocol=None if mode == "single_agent" else protocol.sub(),
+        delegate_action=None if mode == "single_agent" else protocol.delegate)
+    loop = MGRPOTrainer(loop_cfg, controller, trainers)
+    return Experiment(config, workdir, tokenizer, data, agents, controller, loop)
