@@ -84,8 +84,11 @@ def _model_config(agent_cfg, vocab_size: int, where: str) -> ModelConfig:
     unknown = sorted(set(values) - set(MODEL_KEYS))
     if unknown:
         raise ValueError(f"config {where}.model: unknown key(s) {unknown}; allowed: {list(MODEL_KEYS)}")
+    # What the Hugging Face family fixes (so that exports load in transformers as that family).
+    arch = values.get("architecture", "llama")
+    family = {"qk_norm": arch == "qwen3", "attention_bias": arch == "qwen2"}
     return make(ModelConfig, values, f"{where}.model", vocab_size=vocab_size,
-                max_position_embeddings=max(8192, vocab_size))
+                max_position_embeddings=max(8192, vocab_size), **family)
 
 
 def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
