@@ -310,7 +310,42 @@ def _import_bm25s():
     return bm25s
 
 
-class LocalSearch(Tool):
+class SearchTool(Tool):
+    """A search tool whose subclasses implement `retrieve_many(queries) -> [[SearchHit]]`: a turn's queries go
+    out in one batch (one BM25 pass, one HTTP request). Bad queries answer alone with an input error; a failed
+    retrieval fails every query it carried. Subclasses set `snippet_chars` and `max_chars`."""
+
+    batched = True
+    snippet_chars: int
+    max_chars: int
+
+    def retrieve_many(self, queries: Sequence[str], k: int | None = None) -> list[list[SearchHit]]:
+        raise NotImplementedError
+
+    def run(self, argument: str) -> str:
+        return self.run_batch([argument])[0]
+
+    def run_batch(self, arguments: Sequence[str]) -> list[str | BaseException]:
+        out: list[str | BaseException | None] = [None] * len(arguments)
+        good = []
+        for i, a in enumerate(arguments):
+            try:
+                _check_query(a)
+                good.append(i)
+            except ToolInputError as e:
+                out[i] = e
+        if good:
+            try:
+                hits = self.retrieve_many([arguments[i] for i in good])
+            except Exception as e:  # noqa: BLE001 - one failed request fails every query it carried
+                hits = [e] * len(good)
+            for i, h in zip(good, hits):
+                out[i] = h if isinstance(h, BaseException) else format_hits(
+                    h, snippet_chars=self.snippet_chars, max_chars=self.max_chars)
+        return out
+
+
+class LocalSearch(SearchTool):
     """BM25 search over an in-memory corpus (the `bm25s` library, NumPy backend), as the `search` tool.
 
     Args:
@@ -323,8 +358,6 @@ class LocalSearch(Tool):
 
     Queries are lowercased, split on word characters and stripped of English stop words, like the corpus.
     """
-
-    batched = True
 
     def __init__(self, documents: Iterable[Document], *, top_k: int = 3, snippet_chars: int = 200,
                  max_chars: int = 2000, k1: float = 1.5, b: float = 0.75, name: str = "search",
@@ -365,24 +398,6 @@ class LocalSearch(Tool):
 
     def retrieve(self, query: str, k: int | None = None) -> list[SearchHit]:
         return self.retrieve_many([query], k)[0]
-
-    def run(self, argument: str) -> str:
-        return self.run_batch([argument])[0]
-
-    def run_batch(self, arguments: Sequence[str]) -> list[str | BaseException]:
-        # Bad queries answer alone; the good ones share one BM25 pass.
-        out: list[str | BaseException | None] = [None] * len(arguments)
-        good = []
-        for i, a in enumerate(arguments):
-            try:
-                _check_query(a)
-                good.append(i)
-            except ToolInputError as e:
-                out[i] = e
-        if good:
-            for i, hits in zip(good, self.retrieve_many([arguments[i] for i in good])):
-                out[i] = format_hits(hits, snippet_chars=self.snippet_chars, max_chars=self.max_chars)
-        return out
 
 
 class ReadDocument(Tool):
@@ -440,7 +455,7 @@ def _parse_hit(item: Any) -> SearchHit:
     return SearchHit(Document(doc_id or "?", title, text), None if score is None else float(score))
 
 
-class HttpRetriever(Tool):
+class HttpRetriever(SearchTool):
     """Client of a Search-R1-compatible `/retrieve` service, as the `search` tool (standard library only).
 
     A `call_many` sends one POST for the whole batch. Each attempt waits at most `attempt_timeout_s`;
@@ -455,8 +470,6 @@ class HttpRetriever(Tool):
         retriever normally sits on the cluster network, and a proxy meant for the internet would carry (or
         refuse) that traffic.
     """
-
-    batched = True
 
     def __init__(self, url: str, *, top_k: int = 3, snippet_chars: int = 200, max_chars: int = 2000,
                  timeout_s: float | None = 10.0, attempt_timeout_s: float = 5.0, retries: int = 2,
@@ -532,27 +545,6 @@ class HttpRetriever(Tool):
             time.sleep(pause)
             attempt += 1
 
-    def run(self, argument: str) -> str:
-        return self.run_batch([argument])[0]
-
-    def run_batch(self, arguments: Sequence[str]) -> list[str | BaseException]:
-        out: list[str | BaseException | None] = [None] * len(arguments)
-        good = []
-        for i, a in enumerate(arguments):
-            try:
-                _check_query(a)
-                good.append(i)
-            except ToolInputError as e:
-                out[i] = e
-        if good:
-            try:
-                hits = self.retrieve_many([arguments[i] for i in good])
-            except Exception as e:  # noqa: BLE001 - one failed request fails every query it carried
-                hits = [e] * len(good)
-            for i, h in zip(good, hits):
-                out[i] = h if isinstance(h, BaseException) else format_hits(
-                    h, snippet_chars=self.snippet_chars, max_chars=self.max_chars)
-        return out
 
 
 # -------------------------------------------------------------------------------------- HTTP server
