@@ -24,14 +24,24 @@ def model():
     return graphdef, state
 
 
+_BUFFER = 32
+
+
+@jax.jit
+def _next_token_without_cache(graphdef_state, tokens, length):
+    """Reference: the whole sequence through the model (no cache), a fixed buffer so it compiles once."""
+    model = nnx.merge(*graphdef_state)
+    positions = jnp.arange(_BUFFER)[None]
+    logits = model(tokens[None], positions, (positions < length).astype(jnp.int32))
+    return jnp.argmax(logits[0, length - 1])
+
+
 def _full_recompute_greedy(graphdef, state, prompt, n_new):
     """Reference: re-run the whole sequence for every new token; no cache, no padding."""
-    model = nnx.merge(graphdef, state)
     seq = list(prompt)
     for _ in range(n_new):
-        t = jnp.asarray([seq], jnp.int32)
-        logits = model(t, jnp.arange(len(seq))[None], jnp.ones_like(t))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        buffer = jnp.zeros(_BUFFER, jnp.int32).at[: len(seq)].set(jnp.asarray(seq, jnp.int32))
+        seq.append(int(_next_token_without_cache((graphdef, state), buffer, len(seq))))
     return seq[len(prompt):]
 
 
