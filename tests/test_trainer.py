@@ -256,3 +256,28 @@ def test_mode_wiring_errors():
     loop, trainers = _loop("co_train")
     with pytest.raises(ValueError, match=r"needs trainers for \['main'\]"):
         MGRPOTrainer(MGRPOConfig(mode="main_only", num_rollouts=K), loop.controller, trainers)
+
+
+def test_single_agent_mode_calls_tools_itself_and_trains_one_model():
+    tok = tokenizer()
+    protocol = ProtocolConfig()
+
+    def script(prompt):  # search, then answer with the first document id it saw
+        observations = prompt.split("<|im_start|>assistant\n", 1)[1].count("<information>")
+        return "<search>founder</search>" if observations == 0 else "<answer>Vaska</answer>"
+
+    policy = ScriptedPolicy(tok, script, max_new_tokens=8, max_prompt_tokens=LEN)
+    controller = Controller(config=ControllerConfig(max_main_context=LEN, max_observation_tokens=24),
+                            codec=TextCodec(tok, 24), main_policy=policy, main_protocol=protocol.single(),
+                            tools=ToolSet(tools()), delegate_action=None)
+    cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    main = _agent("main", rows=Q * K, cfg=cfg, loss=LossConfig(micro_batch_size=4, chunk_size=64))
+    loop = MGRPOTrainer(MGRPOConfig(mode="single_agent", num_rollouts=K, main_max_len=LEN, sub_max_len=LEN,
+                                    pad_id=tok.pad_token_id), controller, {"main": main})
+    result = loop.step(*_questions(0))
+    assert not result.rollouts.sub and result.rollouts.sub_counts.sum() == 0
+    assert all(t.agent == "single" and t.tool_calls == 1 and t.final == "Vaska" for t in result.rollouts.main)
+    assert "sub" not in result.batches and result.metrics["main/policy_version"] == 1
+    with pytest.raises(ValueError, match="needs a controller with a delegate action"):
+        MGRPOTrainer(MGRPOConfig(mode="co_train", num_rollouts=K), controller, {"main": main, "sub": main})
