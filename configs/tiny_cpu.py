@@ -58,4 +58,14 @@ def get_config() -> ConfigDict:
         "rewards": {"alpha_f": 0.1, "alpha_c": 0.9, "beta_f": 0.1, "beta_m": 0.9, "beta_j": 0.0, "correct": "em"},
     })
     c.checkpoint = ConfigDict({"save_interval_steps": 10, "max_to_keep": 2})
+    # Decoupled mode only (launch/train.py --role main|sub; mgrpo_jax/train/decoupled.py documents each key).
+    c.decoupled = ConfigDict({
+        "store_url": "",  # "" = sqlite:///<workdir>/store.db; redis://host:6379/0?namespace=<run> across hosts
+        "service_host": "127.0.0.1", "service_port": 8765,  # where the sub job's generation service listens
+        "service_url": "",  # where the main job reaches it; "" = http://service_host:service_port
+        "max_staleness": 4,  # sub-agent policy versions; older records are dropped (and counted)
+        "claim_timeout_s": 120.0, "poll_interval_s": 0.5, "service_timeout_s": 120.0, "request_timeout_s": 60.0,
+        "batch_window_s": 0.005, "linger_s": 30.0, "idle_exit_s": 0.0,
+        "max_pending_groups": 16,  # back-pressure: the main job waits while more groups than this are unclaimed
+    })
     return c

@@ -75,8 +75,8 @@ class Experiment:
     tokenizer: Any
     data: Any  # mgrpo_jax.data.task.TaskData
     agents: dict[str, Agent]
-    controller: Controller
-    loop: MGRPOTrainer
+    controller: Controller | None  # None in the decoupled sub job
+    loop: MGRPOTrainer | None
 
 
 def _model_config(agent_cfg, vocab_size: int, where: str) -> ModelConfig:
@@ -109,19 +109,42 @@ def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
     return graphdef, params, shardings, model_cfg
 
 
-def build_experiment(config, workdir: str) -> Experiment:
-    """Builds a run from its config (see configs/tiny_cpu.py for every key)."""
+ROLES = ("all", "main", "sub")
+
+
+def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None) -> Experiment:
+    """Builds a run from its config (see configs/tiny_cpu.py for every key).
+
+    role: "all" builds every agent (one program). The decoupled jobs (train/decoupled.py) build one agent each:
+    "main" builds the main agent and its trainer, a controller whose sub-agent is `sub_policy` (a
+    `train.service.RemoteSubPolicy`), and a loop that trains the main agent alone; "sub" builds the sub-agent
+    and its trainer only (`controller` and `loop` are None).
+    """
     from mgrpo_jax.data.task import load_task
 
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}; choose one of {list(ROLES)}")
+    job = role  # `role` names each agent below
     os.makedirs(workdir, exist_ok=True)
     mgrpo_cfg = config.mgrpo
     mode = config.mode
+    if job != "all":
+        if mode != "co_train":
+            raise ValueError(f"config mode={mode!r}: the decoupled roles (--role main|sub) train main and sub-agent "
+                             "as separate jobs, which is mode='co_train'")
+        if mgrpo_cfg.alignment.d_max == "auto":
+            raise ValueError("config mgrpo.alignment.d_max='auto' is not supported by the decoupled roles: the sub "
+                             "job's batch shape must be known up front; set an integer d_max")
+        if job == "main" and sub_policy is None:
+            raise ValueError("role='main' needs sub_policy (the remote sub-agent)")
     protocol = make(ProtocolConfig, config.get("protocol", {}), "protocol")
     controller_cfg = make(ControllerConfig, config.controller, "controller")
     data = load_task(config, workdir, protocol)
     tokenizer = data.tokenizer
 
     roles = ["main"] if mode == "single_agent" else ["main", "sub"]
+    if job != "all":
+        roles = [job]
     layout = {role: to_dict(config.agents[role].mesh) for role in roles}
     if mode == "shared_model":
         layout["sub"] = {"shared_with": "main"}
@@ -132,7 +155,8 @@ def build_experiment(config, workdir: str) -> Experiment:
     alignment = make(AlignmentConfig, mgrpo_cfg.alignment, "mgrpo.alignment")
     rewards = make(RewardConfig, mgrpo_cfg.rewards, "mgrpo.rewards")
     loop_values = {k: v for k, v in to_dict(mgrpo_cfg).items() if k not in ("alignment", "rewards", "num_queries")}
-    loop_cfg = make(MGRPOConfig, loop_values, "mgrpo", mode=mode, alignment=alignment, rewards=rewards,
+    loop_mode = "main_only" if job == "main" else mode  # the decoupled main job trains the main agent alone
+    loop_cfg = make(MGRPOConfig, loop_values, "mgrpo", mode=loop_mode, alignment=alignment, rewards=rewards,
                     main_max_len=controller_cfg.max_main_context, sub_max_len=controller_cfg.max_sub_context,
                     pad_id=tokenizer.pad_token_id, seed=config.seed)
     num_queries = int(mgrpo_cfg.num_queries)
@@ -149,6 +173,8 @@ def build_experiment(config, workdir: str) -> Experiment:
     trainers: dict[str, Any] = {}
     model_roles = ["main"] if mode in ("single_agent", "shared_model") else ["main", "sub"]
     for i, role in enumerate(model_roles):
+        if job != "all" and role != job:
+            continue
         where = f"agents.{role}"
         agent_cfg = config.agents[role]
         graphdef, params, shardings, model_cfg = _load_or_init(agent_cfg, tokenizer, meshes[role], where,
@@ -186,12 +212,16 @@ def build_experiment(config, workdir: str) -> Experiment:
         trainers["sub"] = trainers["main"]
         agents["sub"] = agents["main"]
 
+    if job == "sub":  # the sub job only trains and serves; the main job runs the episodes (and the tools)
+        return Experiment(config, workdir, tokenizer, data, agents, None, None)
+    if job == "main":
+        trainers = {"main": trainers["main"]}
     tools = ToolSet(data.tools)
     controller = Controller(
         config=controller_cfg, codec=TextCodec(tokenizer, controller_cfg.max_observation_tokens),
         main_policy=agents["main"].policy,
         main_protocol=protocol.single() if mode == "single_agent" else protocol.main(), tools=tools,
-        sub_policy=None if mode == "single_agent" else agents["sub"].policy,
+        sub_policy=None if mode == "single_agent" else (sub_policy if job == "main" else agents["sub"].policy),
         sub_protocol=None if mode == "single_agent" else protocol.sub(),
         delegate_action=None if mode == "single_agent" else protocol.delegate)
     loop = MGRPOTrainer(loop_cfg, controller, trainers)

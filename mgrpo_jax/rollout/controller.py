@@ -16,6 +16,9 @@ once through the tokenizer's chat template), then for each turn the sampled toke
 Limits: max turns per agent, max delegations per rollout, max context tokens per agent and max tokens per
 turn (the sampler's `max_new_tokens`). An episode that hits one ends, is recorded, and counts as a format
 failure (its `finish_reason` says which limit). So do malformed turns (`finish_reason="format_error"`).
+A sub-agent whose generation backend is unreachable (`GenerationUnavailableError`, the decoupled mode's
+service down past its deadline) ends those sub episodes with `finish_reason="generation_failed"`; the main
+episodes see "[sub-agent failed: generation_failed]" and go on.
 """
 from __future__ import annotations
 
@@ -32,7 +35,13 @@ from mgrpo_jax.rollout.protocol import AgentProtocol
 from mgrpo_jax.rollout.sampler import Sample
 
 FINISH_OK = ("answer", "result")
-FINISH_FAILED = ("format_error", "max_turns", "max_context", "max_delegations")
+FINISH_FAILED = ("format_error", "max_turns", "max_context", "max_delegations", "generation_failed")
+
+
+class GenerationUnavailableError(RuntimeError):
+    """A policy's generation backend stayed unreachable past its deadline (e.g. the decoupled mode's sub-agent
+    service, `train.service.RemoteSubPolicy`). For sub-agent episodes the controller ends the affected episodes
+    with finish_reason "generation_failed" (a format failure) instead of failing the whole rollout."""
 
 
 class Policy(Protocol):
@@ -381,8 +390,16 @@ class Controller:
                 break
             rng, key = jax.random.split(rng)
             t0 = time.perf_counter()
-            samples = self.sub_policy.generate([e.traj.tokens for e in active], key, self.sub_stops)
-            timers["sub_generate_s"] += time.perf_counter() - t0
+            try:
+                samples = self.sub_policy.generate([e.traj.tokens for e in active], key, self.sub_stops)
+            except GenerationUnavailableError as err:
+                # The delegations fail; the main episodes get "[sub-agent failed: generation_failed]" and go on.
+                for ep in active:
+                    ep.end("generation_failed", str(err))
+                timers["sub_generation_failures"] += len(active)
+                continue
+            finally:
+                timers["sub_generate_s"] += time.perf_counter() - t0
             calls = []
             for ep, sample in zip(active, samples):
                 action = self._take_turn(ep, sample, self.sub_protocol, cfg.max_sub_turns)

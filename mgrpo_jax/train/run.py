@@ -34,8 +34,13 @@ def _held_out(exp, count: int) -> tuple[list[str], list[Any]]:
     return questions_and_golds(rows)
 
 
-def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, float]:
+def train(config, workdir: str, *, stop_after: int | None = None, experiment=None, after_step=None,
+          evaluate: bool = True) -> dict[str, float]:
     """Trains to config.total_steps (or `stop_after` more steps, for tests); returns the last metrics.
+
+    The decoupled main job (train/decoupled.py) passes its own `experiment` (role "main") and `after_step(step,
+    result, golds) -> metrics`, called after each step and before that step's checkpoint (it writes the step's
+    sub-agent records to the store); `evaluate=False` skips held-out evaluation.
 
     Resumes from the latest checkpoint in workdir when there is one: parameters, optimizer states, policy
     versions, the data iterator, the D_max estimator and the step counter, so the resumed run continues
@@ -45,7 +50,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, f
     initialize_distributed(config.get("distributed", None))
 
     # -- experiment -------------------------------------------------------------------------------------
-    exp = build_experiment(config, workdir)
+    exp = build_experiment(config, workdir) if experiment is None else experiment
     loop = exp.loop
     trainers = {name: t for name, t in loop.trainers.items() if hasattr(t, "params")}
     if config.mode == "shared_model":
@@ -56,11 +61,11 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, f
     data = make_qa_iterator(exp.data.train_files, int(config.mgrpo.num_queries), seed=config.seed,
                             shuffle=bool(config.task.shuffle), num_epochs=None, process_index=0, process_count=1,
                             on_bad_row=config.task.on_bad_row)
-    held_q, held_g = _held_out(exp, int(config.eval_questions))
+    held_q, held_g = _held_out(exp, int(config.eval_questions) if evaluate else 0)
     evaluator = Evaluator(exp.controller, loop.config.rewards)
 
     # -- checkpoint -------------------------------------------------------------------------------------
-    agent_names = ["main"] if config.mode in ("single_agent", "shared_model", "main_only") else ["main", "sub"]
+    agent_names = ["main"] if loop.config.mode in ("single_agent", "shared_model", "main_only") else ["main", "sub"]
     checkpointer = ckpt_lib.Checkpointer(workdir, agent_names,
                                          save_interval_steps=int(config.checkpoint.save_interval_steps),
                                          max_to_keep=int(config.checkpoint.max_to_keep))
@@ -93,7 +98,10 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, f
         with ckpt_lib.ShutdownRequest() as stop:
             for step in range(start, end):
                 questions, golds = questions_and_golds(next(data))
-                metrics = loop.step(questions, golds).metrics
+                result = loop.step(questions, golds)
+                metrics = result.metrics
+                if after_step is not None:
+                    metrics.update(after_step(step, result, golds))
                 metrics["data/skipped_rows"] = float(data.dataset.num_skipped)
                 if eval_every and (step + 1) % eval_every == 0 and held_q:
                     metrics.update(evaluator.run(held_q, held_g, greedy=True))
