@@ -36,19 +36,20 @@ def get_config() -> ConfigDict:
     c.task.num_questions = 800
     c.task.hops = (1, 2)
     c.eval_questions = 64
+    c.task.snippet_chars = 20  # titles and ids; the facts are read
     c.controller.max_observation_tokens = 128
     c.controller.max_sub_turns = 4
-    c.controller.max_main_context = 256
-    c.controller.max_sub_context = 448
-    c.controller.main_system_prompt = (
-        "Answer the question. Write one action: <delegate>a sub-question</delegate> or <answer>the answer</answer>.")
-    c.controller.sub_system_prompt = (
-        "Find the fact. Write one action: <search>query</search>, <read>doc-id</read> or <result>the fact</result>.")
-    c.controller.single_system_prompt = (
-        "Answer the question. Write one action: <search>query</search>, <read>doc-id</read> or "
-        "<answer>the answer</answer>.")
+    c.controller.max_main_context = 192
+    c.controller.max_sub_context = 384
+    # Prompts of a few tokens: the tags say it all, and every token of a prompt is in every training row.
+    c.controller.main_system_prompt = "Use <delegate> or <answer>."
+    c.controller.sub_system_prompt = "Use <search>, <read> or <result>."
+    c.controller.single_system_prompt = "Use <search>, <read> or <answer>."
     for role, context in (("main", c.controller.max_main_context), ("sub", c.controller.max_sub_context)):
         c.agents[role] = tiny.agent(hidden=128, layers=4)
+        # llama, not tiny_cpu's qwen3: build_experiment builds a "qwen3" without Qwen3's q/k norms, which
+        # models.hf.save_hf (rightly) refuses to export as qwen3; a llama block is what these models are.
+        c.agents[role].model.architecture = "llama"
         c.agents[role].sampler.max_new_tokens = 24
         c.agents[role].sampler.prompt_buckets = (context // 4, context // 2, context - 24)
         c.agents[role].loss.chunk_size = 1024
@@ -56,13 +57,15 @@ def get_config() -> ConfigDict:
     # Supervised warm start (mgrpo_jax.train.warm_start); RL ignores this block.
     c.warm_start = ConfigDict({
         "epochs": 6,
-        "batch_size": 32,  # sequences per SFT update (the last batch of an epoch is padded with empty rows)
+        "batch_size": 16,  # sequences per SFT update (the last batch of an epoch is padded with empty rows)
         "micro_batch_size": 16,
         "max_questions": 0,  # training questions to demonstrate (0: all of them)
-        "query": "subject",  # the sub-agent teacher's first search: subject | question
+        "query": "question",  # the sub-agent teacher's first search: subject | question
         "fallback_query": True,  # search again with the other query when the first misses the document
         "eval_every_epochs": 1,  # held-out greedy evaluation between epochs (0: only at the end)
-        "optimizer": {"learning_rate": 3e-3, "schedule": "cosine", "warmup_steps": 10, "b1": 0.9, "b2": 0.98,
+        "eval_train_questions": 0,  # also evaluate on this many training questions (over/underfitting)
+        "repeat": {"main": 2, "sub": 1},  # passes per epoch; the main agent's rows are short
+        "optimizer": {"learning_rate": 5e-3, "schedule": "cosine", "warmup_steps": 20, "b1": 0.9, "b2": 0.98,
                       "weight_decay": 0.01, "max_grad_norm": 1.0},
     })
     return c

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mgrpo_jax.kernels import AGG_MODES, KL_KINDS, chunked_token_logprobs, policy_loss
+from mgrpo_jax.kernels import AGG_MODES, KL_KINDS, aggregate_loss, chunked_token_logprobs, policy_loss
 from mgrpo_jax.sharding import (
     DEFAULT_RULES,
     batch_sharding,
@@ -29,6 +29,7 @@ from mgrpo_jax.sharding import (
 )
 
 SCHEDULES = ("constant", "cosine", "linear")
+OBJECTIVES = ("pg", "sft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,11 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 class LossConfig:
     """The per-agent objective (MGRPO.md, "Objective") and how one update walks its batch.
 
+    objective: "pg" (default) the clipped policy-gradient loss; "sft" supervised fine-tuning (the warm start):
+      the token-mean negative log-likelihood of the loss-masked tokens, rows weighted by `weights`,
+      total = sum_b w_b sum_t m_bt (-log p_bt), denominator = sum_b w_b sum_t m_bt. It reads no advantages or
+      behaviour log-probs, so the clip, `agg` and `max_len_norm` settings do not apply to it; the KL,
+      entropy and TIS terms are errors with it rather than silently dropped.
     temperature: the sampler's; log-probs are recomputed under the same tempered distribution.
     ppo_epochs: mu, passes over the batch per update. micro_batch_size: rows per scanned micro-batch.
     tis_cap: truncated importance sampling (off-policy correction): when set, the ratio is taken against the
@@ -101,8 +107,14 @@ class LossConfig:
     micro_batch_size: int = 8
     shuffle_seed: int | None = None
     tis_cap: float | None = None
+    objective: str = "pg"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"loss.objective={self.objective!r} is not supported; choose one of {list(OBJECTIVES)}")
+        if self.objective == "sft" and (self.kl_coef or self.entropy_coef or self.tis_cap is not None):
+            raise ValueError("loss.objective='sft' takes no KL, entropy or TIS term: set loss.kl_coef=0, "
+                             "loss.entropy_coef=0 and loss.tis_cap=None")
         if self.agg not in AGG_MODES:
             raise ValueError(f"loss.agg={self.agg!r} is not supported; choose one of {list(AGG_MODES)}")
         if self.kl_kind not in KL_KINDS:
@@ -124,9 +136,11 @@ def sequence_logprobs(model, batch, cfg: LossConfig):
 
 
 def batch_loss(model, batch, cfg: LossConfig):
-    """(total, denominator, metrics) of the policy loss on `batch` (any number of rows)."""
+    """(total, denominator, metrics) of the agent's objective on `batch` (any number of rows)."""
     logp, entropy = sequence_logprobs(model, batch, cfg)
     mask = batch["loss_mask"][:, 1:]
+    if cfg.objective == "sft":
+        return _sft_loss(logp, entropy, mask, batch["weights"])
     behaviour = batch["old_logp"][:, 1:]
     advantages = batch["advantages"]
     old = behaviour
@@ -142,6 +156,17 @@ def batch_loss(model, batch, cfg: LossConfig):
     m = mask.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(m), 1.0)
     metrics["logprob_gap"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp) - behaviour) * m) / n
+    return total, denom, metrics
+
+
+def _sft_loss(logp, entropy, mask, weights):
+    """Token-mean NLL: (sum_b w_b sum_t m (-logp), sum_b w_b sum_t m, metrics); metrics are token means."""
+    total, denom = aggregate_loss(-logp, mask, mode="token-mean", weights=weights)
+    m = mask.astype(jnp.float32)
+    n = jnp.sum(m)
+    safe = jnp.maximum(n, 1.0)
+    metrics = {"nll": jnp.sum(-jax.lax.stop_gradient(logp) * m) / safe,
+               "entropy_mean": jnp.sum(jax.lax.stop_gradient(entropy) * m) / safe, "num_tokens": n}
     return total, denom, metrics
 
 

@@ -1,0 +1,239 @@
+"""The warm start: supervised fine-tuning of each agent on demonstrations of the protocol, before RL.
+
+    experiment (build_experiment: data, tokenizer, meshes, models, controller) -> demonstrations of the
+    training questions (train.demonstrations, through the real controller) -> per agent, an SFT AgentTrainer
+    (objective "sft", its own optimizer) on the agent's parameters and mesh -> epochs of shuffled, fixed-shape
+    batches, both agents' updates dispatched back to back -> held-out greedy accuracy (evaluation.Evaluator)
+    between epochs -> each agent saved as a Hugging Face directory (with the tokenizer) under
+    workdir/warm_start/<agent>.
+
+An RL run starts from the result with `agents.<role>.checkpoint=<workdir>/warm_start/<role>` and
+`tokenizer.path=<workdir>/warm_start/main`, and must keep the warm start's task, controller and prompts.
+`launch/warm_start.py` is this function behind command-line flags. Settings live in `config.warm_start`
+(see configs/warm_start_tiny.py); a config without that block gets the `WarmStartConfig` defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from mgrpo_jax.data.pipeline import questions_and_golds, read_qa_rows
+from mgrpo_jax.data.synthetic import read_questions_jsonl
+from mgrpo_jax.evaluation import Evaluator
+from mgrpo_jax.experiment import Experiment, build_experiment, make, to_dict
+from mgrpo_jax.rollout.controller import Trajectory
+from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig
+from mgrpo_jax.train.batch import build_batch
+from mgrpo_jax.train.demonstrations import SEARCH_QUERIES, Demonstrations, make_demonstrations
+
+logger = logging.getLogger(__name__)
+
+MODES = ("co_train", "main_only", "shared_model")
+LENGTH_MULTIPLE = 16  # SFT rows are padded to the longest demonstration, rounded up to this
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStartConfig:
+    """config.warm_start. `optimizer` holds OptimizerConfig keys; its total_steps is set from the epochs.
+    `repeat[agent]`: passes over that agent's demonstrations per epoch (the main agent's rows are short and
+    cheap; it can take more updates than the sub-agent in the same wall time)."""
+
+    epochs: int = 6
+    batch_size: int = 32
+    micro_batch_size: int = 16
+    max_questions: int = 0
+    query: str = "subject"
+    fallback_query: bool = True
+    eval_every_epochs: int = 1
+    eval_train_questions: int = 0
+    repeat: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"main": 1, "sub": 1})
+    optimizer: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {
+        "learning_rate": 3e-3, "schedule": "cosine", "warmup_steps": 10, "weight_decay": 0.01})
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("warm_start.epochs, batch_size and micro_batch_size must be >= 1")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"warm_start.batch_size={self.batch_size} must be a multiple of "
+                             f"warm_start.micro_batch_size={self.micro_batch_size}")
+        if self.max_questions < 0 or self.eval_every_epochs < 0 or self.eval_train_questions < 0:
+            raise ValueError("warm_start.max_questions, eval_every_epochs and eval_train_questions must be >= 0")
+        if set(self.repeat) - {"main", "sub"} or any(int(v) < 1 for v in self.repeat.values()):
+            raise ValueError(f"warm_start.repeat maps 'main' / 'sub' to passes per epoch >= 1, got {dict(self.repeat)}")
+        if self.query not in SEARCH_QUERIES:
+            raise ValueError(f"warm_start.query={self.query!r} is not supported; choose one of {list(SEARCH_QUERIES)}")
+
+
+@dataclasses.dataclass
+class WarmStartResult:
+    history: list[dict[str, float]]  # one entry per epoch: mean NLL per agent, time, accuracy when evaluated
+    final: dict[str, float]  # the last evaluation (greedy/accuracy, ...)
+    checkpoints: dict[str, str]  # role -> Hugging Face directory
+    demonstrations: dict[str, Any]  # kept / dropped counts
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _SFTAgent:
+    """One model's SFT: its demonstrations, its AgentTrainer, and a seeded shuffled pass per epoch."""
+
+    def __init__(self, name: str, exp: Experiment, roles: list[str], rows: list[Trajectory], max_len: int,
+                 ws: WarmStartConfig, seed: int):
+        agent = exp.agents[roles[0]]
+        self.name, self.roles, self.rows, self.max_len = name, roles, rows, max_len
+        self.pad_id = exp.tokenizer.pad_token_id
+        self.repeat = int(ws.repeat.get(name, 1))
+        self.steps_per_epoch = self.repeat * -(-len(rows) // ws.batch_size)
+        optimizer = make(OptimizerConfig, {**to_dict(ws.optimizer), "total_steps": ws.epochs * self.steps_per_epoch},
+                         "warm_start.optimizer")
+        chunk = int(exp.config.agents[roles[0]].loss.get("chunk_size", 1024))
+        loss = LossConfig(objective="sft", micro_batch_size=ws.micro_batch_size, chunk_size=chunk)
+        params = agent.policy.params
+        shardings = jax.tree.map(lambda x: x.sharding, params)
+        self.trainer = AgentTrainer(f"{name}_sft", agent.graphdef, params, shardings, optimizer, loss, ws.batch_size)
+        self.batch_size = ws.batch_size
+        self._rng = np.random.default_rng(seed)
+        self._passes: list[list[int]] = []
+
+    def new_epoch(self) -> None:
+        self._passes = [list(self._rng.permutation(len(self.rows))) for _ in range(self.repeat)]
+
+    def next_batch(self) -> dict[str, np.ndarray] | None:
+        while self._passes and not self._passes[0]:
+            self._passes.pop(0)
+        if not self._passes:
+            return None
+        order = self._passes[0]
+        take, self._passes[0] = order[: self.batch_size], order[self.batch_size:]
+        trajs = [self.rows[i] for i in take] + [None] * (self.batch_size - len(take))
+        weights = [1.0] * len(take) + [0.0] * (self.batch_size - len(take))
+        return build_batch(trajs, np.zeros(self.batch_size), weights, self.max_len, self.pad_id)
+
+    def hand_back(self, exp: Experiment) -> None:
+        """The experiment's samplers (and RL trainers, whose parameter buffers the SFT update donated) get the
+        fine-tuned parameters."""
+        for role in self.roles:
+            exp.agents[role].policy.update(self.trainer.params, 0)
+            rl = exp.loop.trainers.get(role)
+            if isinstance(rl, AgentTrainer):
+                rl.params = self.trainer.params
+
+
+def _held_out(exp: Experiment) -> tuple[list[str], list[Any]]:
+    count = int(exp.config.get("eval_questions", 0))
+    if not exp.data.eval_files or count <= 0:
+        return [], []
+    rows = read_qa_rows(exp.data.eval_files, on_bad_row=exp.config.task.on_bad_row)[0][:count]
+    return questions_and_golds(rows)
+
+
+def warm_start(config, workdir: str, *, log: Callable[[str], None] = logger.info) -> WarmStartResult:
+    """SFT of every agent of `config` on demonstrations of its training questions; see the module docstring."""
+    ws = make(WarmStartConfig, config.get("warm_start", {}), "warm_start")
+    if config.mode not in MODES:
+        raise ValueError(f"warm_start supports config.mode in {list(MODES)} (a main agent that delegates), got "
+                         f"{config.mode!r}: the single agent has no demonstrations yet")
+    if config.task.kind != "synthetic":
+        raise ValueError("warm_start needs config.task.kind='synthetic': demonstrations follow each question's "
+                         "hop chain, which only generated questions carry")
+    started = time.perf_counter()
+
+    # -- experiment ---------------------------------------------------------------------------------------
+    exp = build_experiment(config, workdir)
+    log(f"experiment built in {time.perf_counter() - started:.1f}s")
+
+    # -- demonstrations -----------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    questions = [q for f in exp.data.train_files for q in read_questions_jsonl(f)]
+    if ws.max_questions:
+        questions = questions[: ws.max_questions]
+    demos: Demonstrations = make_demonstrations(exp.controller, questions, query=ws.query,
+                                                fallback_query=ws.fallback_query)
+    demo_stats = {**demos.stats, "dropped": dict(demos.dropped)}
+    log(f"demonstrations: {len(demos.main)} main, {len(demos.sub)} sub from {len(questions)} questions in "
+        f"{time.perf_counter() - t0:.1f}s; dropped {dict(demos.dropped) or 'none'}")
+    if not demos.main or not demos.sub:
+        raise ValueError(f"no usable demonstrations ({demo_stats}); raise controller.max_observation_tokens or "
+                         "task.search_top_k so that search results show the documents")
+
+    # -- one SFT trainer per model ------------------------------------------------------------------------
+    groups = {"main": (["main", "sub"], demos.main + demos.sub)} if config.mode == "shared_model" else \
+        {"main": (["main"], demos.main), "sub": (["sub"], demos.sub)}
+    agents = {}
+    for i, (name, (roles, rows)) in enumerate(groups.items()):
+        max_len = _round_up(max(len(t.tokens) for t in rows), LENGTH_MULTIPLE)
+        agents[name] = _SFTAgent(name, exp, roles, rows, max_len, ws, seed=int(config.seed) + i)
+        log(f"{name}: {len(rows)} demonstrations, rows of {max_len} tokens, {agents[name].steps_per_epoch} "
+            f"updates of {ws.batch_size} per epoch")
+
+    # -- epochs -------------------------------------------------------------------------------------------
+    held_q, held_g = _held_out(exp)
+    train_q, train_g = [q.question for q in questions[: ws.eval_train_questions]], \
+        [q.answer for q in questions[: ws.eval_train_questions]]
+    evaluator = Evaluator(exp.controller, exp.loop.config.rewards)
+
+    def evaluate() -> dict[str, float]:
+        for agent in agents.values():
+            agent.hand_back(exp)
+        out = {}
+        if held_q:
+            out.update(evaluator.run(held_q, held_g, greedy=True))
+        if train_q:
+            out.update({f"train_{k}": v for k, v in evaluator.run(train_q, train_g, greedy=True).items()})
+        return out
+
+    history: list[dict[str, float]] = []
+    final: dict[str, float] = {}
+    for epoch in range(1, ws.epochs + 1):
+        t0 = time.perf_counter()
+        nll = {name: [] for name in agents}
+        for agent in agents.values():
+            agent.new_epoch()
+        while True:
+            pending = {}
+            for name, agent in agents.items():  # dispatched back to back: the agents' updates overlap
+                batch = agent.next_batch()
+                if batch is not None:
+                    pending[name] = (agent.trainer.dispatch(batch), int(batch["loss_mask"].sum()))
+            if not pending:
+                break
+            for name, (metrics, tokens) in pending.items():
+                nll[name].append((agents[name].trainer.collect(metrics)["nll"], tokens))
+        entry = {"epoch": epoch, "train_s": time.perf_counter() - t0}
+        for name, values in nll.items():
+            v = np.array(values)
+            entry[f"{name}/nll"] = float(np.sum(v[:, 0] * v[:, 1]) / np.sum(v[:, 1]))
+        if (ws.eval_every_epochs and epoch % ws.eval_every_epochs == 0) or epoch == ws.epochs:
+            t1 = time.perf_counter()
+            final = evaluate()
+            entry.update(final)
+            entry["eval_s"] = time.perf_counter() - t1
+        entry["elapsed_s"] = time.perf_counter() - started
+        history.append(entry)
+        log("epoch " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+
+    # -- save ---------------------------------------------------------------------------------------------
+    from mgrpo_jax.models.hf import save_hf
+
+    out_dir = os.path.join(workdir, "warm_start")
+    checkpoints = {}
+    for name, agent in agents.items():
+        path = os.path.join(out_dir, name)
+        save_hf(agent.trainer.params, exp.agents[agent.roles[0]].model_config, path, tokenizer=exp.tokenizer)
+        for role in agent.roles:
+            checkpoints[role] = path
+    result = WarmStartResult(history, final, checkpoints, demo_stats)
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(result), f, indent=2)
+    log(f"saved {checkpoints} in {time.perf_counter() - started:.1f}s total")
+    return result

@@ -1,0 +1,161 @@
+"""The warm start: teacher demonstrations through the real controller, the SFT objective, and SFT steps."""
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mgrpo_jax import sharding
+from mgrpo_jax.models import ModelConfig, init_model
+from mgrpo_jax.rollout.controller import Controller, ControllerConfig, TextCodec, ToolSet
+from mgrpo_jax.rollout.protocol import ProtocolConfig
+from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig, batch_loss
+from mgrpo_jax.train.batch import build_batch
+from mgrpo_jax.train.demonstrations import make_demonstrations
+from np_reference import token_logprobs as np_token_logprobs
+from rollout_fixtures import ScriptedPolicy, tokenizer, tools, world_and_questions
+
+PROTO = ProtocolConfig()
+
+
+def _controller(max_observation_tokens=10_000, **cfg):
+    tok = tokenizer()
+    unused = ScriptedPolicy(tok, lambda prompt: pytest.fail("the teachers replace the controller's policies"))
+    codec = TextCodec(tok, max_observation_tokens)
+    config = ControllerConfig(max_observation_tokens=max_observation_tokens, max_sub_turns=4, **cfg)
+    return Controller(config=config, codec=codec, main_policy=unused, main_protocol=PROTO.main(),
+                      tools=ToolSet(tools()), sub_policy=unused, sub_protocol=PROTO.sub())
+
+
+@pytest.fixture(scope="module")
+def demos():
+    _, questions = world_and_questions()
+    return questions, make_demonstrations(_controller(), questions)
+
+
+def _actions(traj, tok):
+    """(tag, argument) of each loss-masked span, read back from the tokens independently of the parser."""
+    out = []
+    for start, end in traj.turns:
+        m = re.fullmatch(r"<(\w+)>(.*)</\1>", tok.decode(traj.tokens[start:end]), re.S)
+        assert m, tok.decode(traj.tokens[start:end])
+        out.append((m.group(1), m.group(2)))
+    return out
+
+
+def test_demonstrations_follow_the_hop_chains_token_exactly(demos):
+    questions, d = demos
+    tok = tokenizer()
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    assert not d.dropped and len(d.main) == len(questions)  # generous limits: nothing to drop
+    assert len(d.sub) == sum(q.hops for q in questions) and {q.hops for q in questions} == {1, 2, 3, 4}
+    for traj in d.main:
+        q = questions[traj.query]
+        assert traj.agent == "main" and traj.format_ok and traj.final == q.answer
+        assert _actions(traj, tok) == [("delegate", h.question) for h in q.chain] + [("answer", q.answer)]
+    for traj in d.sub:
+        hop = questions[traj.query].chain[traj.call]
+        assert traj.agent == "sub" and traj.format_ok and traj.final == hop.answer
+        assert _actions(traj, tok) == [("search", hop.subject), ("read", hop.doc_id), ("result", hop.answer)]
+        # Grounded: the id read is shown by the search, the result by the document read.
+        obs = [tok.decode(traj.tokens[e:s]) for (_, e), (s, _) in zip(traj.turns, traj.turns[1:])]
+        assert f"(id: {hop.doc_id})" in obs[0] and hop.answer in obs[1]
+    for traj in d.main + d.sub:
+        # Loss mask exactly on the teacher's actions, which are the tokenizer's ids of the action text.
+        mask = np.zeros(len(traj.tokens), int)
+        for start, end in traj.turns:
+            mask[start:end] = 1
+            assert traj.tokens[start:end] == enc(tok.decode(traj.tokens[start:end]))
+        np.testing.assert_array_equal(traj.loss_mask, mask)
+        assert mask[: traj.prompt_len].sum() == 0 and not any(traj.logprobs)
+
+
+def test_ungrounded_demonstrations_are_dropped_and_counted():
+    """Observations cut to 20 tokens hide most documents' facts: those sub demonstrations are dropped (never
+    taught to report an answer they cannot see); every kept one still shows what it reads and reports."""
+    _, questions = world_and_questions()
+    tok = tokenizer()
+    d = make_demonstrations(_controller(max_observation_tokens=20), questions)
+    hops = sum(q.hops for q in questions)
+    assert sum(d.dropped.values()) == hops - len(d.sub) + len(questions) - len(d.main) > 0
+    assert d.dropped["sub/ungrounded_result"] > 0 and len(d.main) == len(questions)
+    for traj in d.sub:
+        hop = questions[traj.query].chain[traj.call]
+        acts = _actions(traj, tok)
+        assert acts[-2:] == [("read", hop.doc_id), ("result", hop.answer)]
+        assert [a for a, _ in acts[:-2]] in (["search"], ["search", "search"])
+        seen = tok.decode(traj.tokens[: traj.turns[-1][0]])
+        assert hop.doc_id in tok.decode(traj.tokens[: traj.turns[-2][0]]) and hop.answer in seen
+
+
+def _tiny_model(vocab, seed=0):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    return cfg, init_model(cfg, seed=seed)
+
+
+def test_sft_objective_is_the_weighted_token_mean_nll():
+    rng = np.random.default_rng(0)
+    cfg, model = _tiny_model(vocab=50)
+    n, length = 4, 12
+    tokens = rng.integers(0, 50, (n, length)).astype(np.int32)
+    loss_mask = (rng.random((n, length)) < 0.5).astype(np.int32)
+    weights = np.array([1.0, 0.0, 2.0, 0.5], np.float32)
+    batch = {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": np.ones_like(tokens),
+             "positions": np.tile(np.arange(length, dtype=np.int32), (n, 1)), "weights": weights,
+             "old_logp": np.zeros((n, length), np.float32), "advantages": rng.normal(size=n).astype(np.float32)}
+    graphdef, state = nnx.split(model)
+    loss = jax.jit(lambda s, b: batch_loss(nnx.merge(graphdef, s), b, LossConfig(objective="sft", chunk_size=5)))
+    total, denom, metrics = loss(state, batch)
+
+    forward = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b["tokens"], b["positions"], b["attention_mask"]))
+    logits = np.asarray(forward(state, batch), np.float64)
+    logp = np_token_logprobs(logits[:, :-1], tokens[:, 1:])
+    m = loss_mask[:, 1:]
+    expected_total = sum(weights[b] * -(logp[b] * m[b]).sum() for b in range(n))
+    expected_denom = sum(weights[b] * m[b].sum() for b in range(n))
+    np.testing.assert_allclose(float(total), expected_total, rtol=1e-5)
+    np.testing.assert_allclose(float(denom), expected_denom, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["nll"]), -(logp * m).sum() / m.sum(), rtol=1e-5)
+    # Advantages and behaviour log-probs do not enter the SFT objective.
+    other = loss(state, {**batch, "advantages": -batch["advantages"], "old_logp": batch["old_logp"] - 3})
+    assert float(other[0]) == float(total)
+
+
+def test_sft_options_are_validated():
+    with pytest.raises(ValueError, match="loss.objective"):
+        LossConfig(objective="dpo")
+    with pytest.raises(ValueError, match="kl_coef"):
+        LossConfig(objective="sft", kl_coef=0.1)
+
+
+def test_sft_steps_raise_the_likelihood_of_the_demonstrations(demos):
+    """A few SFT updates of a tiny sub-agent through AgentTrainer (micro-batched) lower the demonstrations' NLL;
+    the update's reported loss is the NLL of the whole batch before the step, whatever the micro-batching."""
+    _, d = demos
+    tok = tokenizer()
+    rows = sorted(d.sub, key=lambda t: len(t.tokens))[:4]
+    max_len = -(-max(len(t.tokens) for t in rows) // 16) * 16
+    batch = build_batch(rows, np.zeros(len(rows)), np.ones(len(rows)), max_len, tok.pad_token_id)
+    cfg, _ = _tiny_model(vocab=len(tok))
+    mesh = sharding.make_agent_meshes({"sub": {"devices": 1}}, devices=jax.devices()[:1])["sub"]
+    graphdef, params, shardings = sharding.born_sharded(lambda: init_model(cfg, seed=0), mesh)
+    loss_cfg = LossConfig(objective="sft", micro_batch_size=2, chunk_size=256)
+
+    loss = jax.jit(lambda p, b: batch_loss(nnx.merge(graphdef, p), b, loss_cfg))
+
+    def nll(p):
+        total, denom, _ = loss(p, batch)
+        return float(total / denom)
+
+    before = nll(params)
+    trainer = AgentTrainer("sub_sft", graphdef, params, shardings,
+                           OptimizerConfig(learning_rate=1e-2, weight_decay=0.0), loss_cfg, len(rows))
+    first = trainer.update(batch)
+    np.testing.assert_allclose(first["loss"], before, rtol=1e-4)
+    for _ in range(5):
+        metrics = trainer.update(batch)
+    after = nll(trainer.params)
+    assert after < 0.8 * before, (before, after)
+    assert metrics["num_tokens"] == batch["loss_mask"][:, 1:].sum() and trainer.compile_count == 1
