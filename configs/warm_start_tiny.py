@@ -47,8 +47,7 @@ def get_config() -> ConfigDict:
     c.controller.single_system_prompt = "Use <search>, <read> or <answer>."
     for role, context in (("main", c.controller.max_main_context), ("sub", c.controller.max_sub_context)):
         c.agents[role] = tiny.agent(hidden=128, layers=4)
-        # llama, not tiny_cpu's qwen3: build_experiment builds a "qwen3" without Qwen3's q/k norms, which
-        # models.hf.save_hf (rightly) refuses to export as qwen3; a llama block is what these models are.
+        # The architecture the warm start was sized with (a plain llama block); qwen3 works as well.
         c.agents[role].model.architecture = "llama"
         c.agents[role].sampler.max_new_tokens = 24
         c.agents[role].sampler.prompt_buckets = (context // 4, context // 2, context - 24)
