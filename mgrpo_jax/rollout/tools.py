@@ -316,11 +316,18 @@ class SearchTool(Tool):
     retrieval fails every query it carried. Subclasses set `snippet_chars` and `max_chars`."""
 
     batched = True
+    top_k: int
     snippet_chars: int
     max_chars: int
 
     def retrieve_many(self, queries: Sequence[str], k: int | None = None) -> list[list[SearchHit]]:
         raise NotImplementedError
+
+    def _checked(self, queries: Sequence[str], k: int | None) -> tuple[list[str], int]:
+        """Validated queries and k (default `top_k`); raises ToolInputError / ValueError."""
+        k = self.top_k if k is None else k
+        _check_positive_int("k", k)
+        return [_check_query(q) for q in queries], k
 
     def run(self, argument: str) -> str:
         return self.run_batch([argument])[0]
@@ -382,9 +389,7 @@ class LocalSearch(SearchTool):
 
     def retrieve_many(self, queries: Sequence[str], k: int | None = None) -> list[list[SearchHit]]:
         """Top-k hits for each query, best first. Raises ToolInputError for an empty query."""
-        k = self.top_k if k is None else k
-        _check_positive_int("k", k)
-        queries = [_check_query(q) for q in queries]
+        queries, k = self._checked(queries, k)
         if not queries:
             return []
         k = min(k, len(self.documents))
@@ -495,9 +500,7 @@ class HttpRetriever(SearchTool):
 
     def retrieve_many(self, queries: Sequence[str], k: int | None = None) -> list[list[SearchHit]]:
         """Top-k hits per query from the service. Raises ToolTimeout, RetrievalError or OSError on failure."""
-        k = self.top_k if k is None else k
-        _check_positive_int("k", k)
-        queries = [_check_query(q) for q in queries]
+        queries, k = self._checked(queries, k)
         if not queries:
             return []
         body = json.dumps({"queries": queries, "topk": k, "return_scores": True}).encode()
