@@ -1,8 +1,11 @@
 """Per-phase time of M-GRPO steps on the tiny CPU config: rollout, rewards, alignment, each agent's update.
 
     python bench/train_step.py [--steps 6] [--mode co_train] [--workdir /tmp/mgrpo_bench]
+    python bench/train_step.py --config configs/warm_start_tiny.py \
+        --set agents.main.checkpoint=/tmp/warm/warm_start/main --set agents.sub.checkpoint=/tmp/warm/warm_start/sub \
+        --set tokenizer.path=/tmp/warm/warm_start/main           # warm-started agents: real delegations
 
-Builds the run exactly as `launch/train.py` does (configs/tiny_cpu.py), runs `--steps` steps, and prints
+Builds the run exactly as `launch/train.py` does (default configs/tiny_cpu.py), runs `--steps` steps, and prints
 each phase's median time over the steps after the first (which compiles), tokens/s per agent (the agent's
 sampled tokens in its batch / the update phase), and each agent's compile count. Prints; asserts nothing.
 """
@@ -16,8 +19,9 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from configs import tiny_cpu  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+import importlib.util  # noqa: E402
 from mgrpo_jax.compilation import CompileCounter  # noqa: E402
 from mgrpo_jax.data.synthetic import read_questions_jsonl  # noqa: E402
 from mgrpo_jax.experiment import build_experiment  # noqa: E402
@@ -28,9 +32,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--mode", default="co_train")
     parser.add_argument("--workdir", default="/tmp/mgrpo_bench_train_step")
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny_cpu.py"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override (string values; repeatable)")
     args = parser.parse_args()
-    config = tiny_cpu.get_config()
+    spec = importlib.util.spec_from_file_location("bench_config", args.config)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
     config.mode = args.mode
+    for item in args.set:
+        key, value = item.split("=", 1)
+        *path, last = key.split(".")
+        node = config
+        for p in path:
+            node = node[p]
+        node[last] = type(node[last])(value) if node[last] is not None else value
     start = time.perf_counter()
     exp = build_experiment(config, args.workdir)
     print(f"built the {args.mode} run in {time.perf_counter() - start:.1f} s "
