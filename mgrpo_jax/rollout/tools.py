@@ -307,6 +307,9 @@ def _import_bm25s():
         finally:
             del sys.modules["jax"]
             sys.modules.update(hidden)
+        # bm25s sets its own logger to DEBUG at import, which floods a run's log with a line per index build
+        # and per empty query; WARNING is the quiet default (set it lower after the first search to debug).
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
     return bm25s
 
 
