@@ -318,7 +318,8 @@ def test_two_jobs_over_sqlite_with_each_job_killed_and_restarted(tmp_path):
 def redis_url(tmp_path):
     server = shutil.which("redis-server")
     if server is None:
-        pytest.skip("redis-server is not installed (.ci/run installs it from Debian)")
+        pytest.fail("redis-server is not installed, so the decoupled Redis test cannot run: apt-get install -y "
+                    "redis-server (.ci/run installs it from Debian)")
     port = _free_port()
     proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
