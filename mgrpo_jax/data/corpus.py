@@ -87,16 +87,21 @@ def write_corpus_jsonl(documents: Iterable[Document], path: str | os.PathLike) -
     return len(docs)
 
 
-def read_corpus_jsonl(path: str | os.PathLike) -> list[Document]:
-    """Reads documents written by `write_corpus_jsonl` or a Search-R1 corpus; blank lines are skipped."""
-    docs = []
+def read_jsonl(path: str | os.PathLike, parse, what: str) -> list:
+    """`parse(record)` for every non-blank line of a JSONL file; a bad line raises ValueError naming
+    `path:line` and what it should have been (`what`: "corpus", "question")."""
+    out = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-                docs.append(Document.from_record(record))
+                out.append(parse(json.loads(line)))
             except (json.JSONDecodeError, ValueError, TypeError) as e:
-                raise ValueError(f"{os.fspath(path)}:{line_no}: bad corpus line: {e}") from e
-    return check_unique_ids(docs)
+                raise ValueError(f"{os.fspath(path)}:{line_no}: bad {what} line: {e}") from e
+    return out
+
+
+def read_corpus_jsonl(path: str | os.PathLike) -> list[Document]:
+    """Reads documents written by `write_corpus_jsonl` or a Search-R1 corpus; blank lines are skipped."""
+    return check_unique_ids(read_jsonl(path, Document.from_record, "corpus"))

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from mgrpo_jax.data.corpus import Document
+from mgrpo_jax.data.corpus import Document, read_jsonl
 
 KINDS = ("person", "organization", "city", "country", "artifact")
 
@@ -577,13 +577,4 @@ def write_questions_jsonl(questions: Iterable[Question], path: str | os.PathLike
 
 def read_questions_jsonl(path: str | os.PathLike) -> list[Question]:
     """Reads questions written by `write_questions_jsonl`; blank lines are skipped."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(Question.from_record(json.loads(line)))
-            except (json.JSONDecodeError, ValueError, TypeError) as e:
-                raise ValueError(f"{os.fspath(path)}:{line_no}: bad question line: {e}") from e
-    return out
+    return read_jsonl(path, Question.from_record, "question")
