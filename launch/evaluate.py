@@ -8,8 +8,11 @@ Use the config the run was trained with (the same overrides too). Questions come
 """
 import json
 import os
+import sys
 
-import _bootstrap  # noqa: F401  (first, before jax: CPU device count, repo root on sys.path)
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402

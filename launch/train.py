@@ -18,8 +18,11 @@ On a CPU-only machine the script exposes 8 host devices (XLA_FLAGS), so that per
 as on an accelerator; set XLA_FLAGS yourself to choose another count.
 """
 import os
+import sys
 
-import _bootstrap  # noqa: F401  (first, before jax: CPU device count, repo root on sys.path)
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -9,8 +9,12 @@ the held-out accuracy. Start RL from them with the same config plus
 `--config.agents.main.checkpoint=<workdir>/warm_start/main --config.agents.sub.checkpoint=<workdir>/warm_start/sub
 --config.tokenizer.path=<workdir>/warm_start/main`. The SFT settings are the config's `warm_start` block.
 """
+import os
+import sys
 
-import _bootstrap  # noqa: F401  (first, before jax: CPU device count, repo root on sys.path)
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
