@@ -84,12 +84,15 @@ def compute_rewards(rollouts: RolloutBatch, golds: Sequence[Any], num_rollouts: 
     q_n = len(golds)
     main_r = np.zeros((q_n, num_rollouts), np.float32)
     sub_r, parts = [], {}
+    by_rollout = [[[] for _ in range(num_rollouts)] for _ in range(q_n)]  # one pass, not one scan per rollout
+    for t in rollouts.sub:
+        by_rollout[t.query][t.rollout].append(t)
     for q in range(q_n):
         mains = rollouts.main[q * num_rollouts:(q + 1) * num_rollouts]
-        subs = [[t for t in rollouts.sub if (t.query, t.rollout) == (q, k)] for k in range(num_rollouts)]
+        subs = by_rollout[q]
         m, s = group_rewards([t.final if t.format_ok else None for t in mains], [t.format_ok for t in mains], golds[q],
                              [[t.format_ok for t in row] for row in subs], config,
-                             [row for row in subs] if config.sub_judge else None)
+                             subs if config.sub_judge else None)
         main_r[q] = m.reward
         sub_r.append(s.reward)
         for prefix, group in (("main", m), ("sub", s)):
