@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 DEMO_DIR ?= runs/demo
+REPRO_ROOT ?= runs/repro
+WARM_START := $(REPRO_ROOT)/warm_multi/warm_start/summary.json
 
-.PHONY: test bench-kernels demo clean
+.PHONY: test bench-kernels demo repro clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,10 +23,18 @@ test: $(STAMP)
 bench-kernels: $(STAMP)
 	$(PY) bench/kernels.py
 
-# M-GRPO on the embedded default (configs/tiny_cpu.py), from scratch in $(DEMO_DIR).
+# M-GRPO co-training of warm-started tiny agents (configs/repro/co_train.py) in $(DEMO_DIR). The warm start
+# (supervised fine-tuning on generated demonstrations) runs first when $(REPRO_ROOT) does not have it yet; the
+# comparisons (`make repro`) reuse it.
 demo: $(STAMP)
+	test -f $(WARM_START) || $(PY) launch/warm_start.py --config configs/repro/warm_start.py:multi \
+		--workdir $(REPRO_ROOT)/warm_multi
 	rm -rf $(DEMO_DIR)
-	$(PY) launch/train.py --config configs/tiny_cpu.py --workdir $(DEMO_DIR)
+	$(PY) launch/train.py --config configs/repro/co_train.py:$(REPRO_ROOT) --workdir $(DEMO_DIR)
+
+# The paper's comparisons (configs/repro/): every setting x 3 seeds -> docs/results/. About 2 hours on 2 cores.
+repro: $(STAMP)
+	$(PY) launch/repro.py --root $(REPRO_ROOT) --out docs/results --jobs 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis runs

@@ -27,7 +27,9 @@ RUNTIME = [
 EXTRAS = {
     # torch is a numerical oracle only (transformers' PyTorch models). Exactly 2.13.0: it is the CPU wheel on
     # the build machines' disk, and any other spec pulls a multi-GB CUDA build.
-    "test": ["pytest>=8", "chex>=0.1.90", "hypothesis>=6.100", "torch==2.13.0"],
+    "test": ["pytest>=8", "chex>=0.1.90", "hypothesis>=6.100", "torch==2.13.0", "matplotlib>=3.8"],
+    # launch/repro.py's reward curves (docs/results/*.png).
+    "repro": ["matplotlib>=3.8"],
     # Accelerator builds of jax/jaxlib. Documented, not installed by `make` or CI.
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     "cuda": ["jax[cuda12]>=0.10.2,<0.11"],

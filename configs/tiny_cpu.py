@@ -43,6 +43,7 @@ def get_config() -> ConfigDict:
         "train_files": (), "eval_files": (), "corpus_file": "", "retriever_url": "",
         "search_top_k": 2, "snippet_chars": 120, "tool_timeout_s": 10.0,
         "shuffle": True, "on_bad_row": "error",  # error | skip
+        "skip_train_questions": 0,  # RL leaves out the first N training questions (a warm start's, see repro/)
     })
     c.tokenizer = ConfigDict({"path": "", "vocab_size": 1024})
     c.protocol = ConfigDict({"delegate": "delegate", "answer": "answer", "search": "search", "read": "read",

@@ -58,10 +58,12 @@ def get_config() -> ConfigDict:
 
     # Supervised warm start (mgrpo_jax.train.warm_start); RL ignores this block.
     c.warm_start = ConfigDict({
-        "epochs": 8,
+        "epochs": 10,
         "batch_size": 16,  # sequences per SFT update (the last batch of an epoch is padded with empty rows)
         "micro_batch_size": 16,
-        "max_questions": 0,  # training questions to demonstrate (0: all of them)
+        # Training questions to demonstrate (0: all of them). The first 900 of the ~1275; RL (configs/repro/)
+        # trains on the rest, questions the agents have never been shown the answer to.
+        "max_questions": 900,
         "query": "question",  # the sub-agent teacher's first search: subject | question
         "fallback_query": True,  # search again with the other query when the first misses the document
         "eval_every_epochs": 1,  # held-out greedy evaluation between epochs (0: only at the end)

@@ -52,6 +52,26 @@ def main(argv):
                         "greedy/format_error_rate") if k in metrics]
     if keys:
         print("final: " + ", ".join(f"{k}={metrics[k]:.3f}" for k in keys))
+    trend = reward_trend(os.path.join(workdir, "metrics.jsonl"))
+    if trend:
+        print(trend)
+
+
+def reward_trend(path: str) -> str:
+    """'training reward (main agent): first N steps a -> last N steps b' over the whole run, or '' when the run
+    has too few steps to compare."""
+    from mgrpo_jax.comparison import REWARD_KEY, read_metrics
+
+    if not os.path.exists(path):
+        return ""
+    per_step = {int(e["step"]): e[REWARD_KEY] for e in read_metrics(path) if REWARD_KEY in e}
+    rewards = [per_step[s] for s in sorted(per_step)]
+    n = min(10, len(rewards) // 2)
+    if n < 1:
+        return ""
+    first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
+    return (f"training reward (main agent, mean of {n} steps): first {n} steps {first:.3f} -> last {n} steps "
+            f"{last:.3f} ({len(rewards)} steps)")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,16 @@ def test_process_shards_are_disjoint_and_cover(tmp_path):
     assert not seen[0] & seen[1] and seen[0] | seen[1] == {f"q{i}" for i in range(12)}
 
 
+def test_skip_first_leaves_out_the_leading_rows_in_file_order(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", rows(12))
+    it = make_qa_iterator(path, 4, seed=5, num_epochs=1, process_index=0, process_count=1, skip_first=4)
+    assert sorted(i for b in it for i in ids(b)) == sorted(f"q{i}" for i in range(4, 12))  # 8 rows, 2 batches
+    assert it.dataset.fingerprint()["num_rows"] == 8
+    for bad in (12, -1, 1.5):
+        with pytest.raises(ValueError, match="skip_first"):
+            QADataset(path, 1, skip_first=bad, process_index=0, process_count=1)
+
+
 def test_uneven_rows_give_equal_shards(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows(7))
     sizes = [QADataset(path, 1, process_index=i, process_count=2).rows_per_process for i in (0, 1)]

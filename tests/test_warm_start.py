@@ -89,6 +89,40 @@ def test_ungrounded_demonstrations_are_dropped_and_counted():
         assert hop.doc_id in tok.decode(traj.tokens[: traj.turns[-2][0]]) and hop.answer in seen
 
 
+def test_single_agent_demonstrations_search_and_read_every_hop_then_answer():
+    """A single-agent controller (tools, no sub-agent) gets the single teacher: per hop, a search for the hop's
+    subject and a read of its document, then the answer; with short observations the hops whose document the
+    search hides are dropped and counted, and every kept demonstration still shows what it reads and answers."""
+    _, questions = world_and_questions()
+    tok = tokenizer()
+    unused = ScriptedPolicy(tok, lambda prompt: pytest.fail("the teacher replaces the controller's policy"))
+
+    def single(max_observation_tokens):
+        config = ControllerConfig(max_observation_tokens=max_observation_tokens, max_main_turns=12,
+                                  max_main_context=4096)
+        return Controller(config=config, codec=TextCodec(tok, max_observation_tokens), main_policy=unused,
+                          main_protocol=PROTO.single(), tools=ToolSet(tools()))
+
+    d = make_demonstrations(single(10_000), questions)
+    assert not d.dropped and not d.sub and len(d.main) == len(questions)
+    for traj in d.main:
+        q = questions[traj.query]
+        assert traj.agent == "single" and traj.format_ok and traj.final == q.answer
+        expected = [a for h in q.chain for a in (("search", h.subject), ("read", h.doc_id))]
+        assert _actions(traj, tok) == expected + [("answer", q.answer)]
+        obs = [tok.decode(traj.tokens[e:s]) for (_, e), (s, _) in zip(traj.turns, traj.turns[1:])]
+        for i, hop in enumerate(q.chain):  # the search shows the id read; the document shows the hop's answer
+            assert f"(id: {hop.doc_id})" in obs[2 * i] and hop.answer in obs[2 * i + 1]
+
+    short = make_demonstrations(single(20), questions)
+    assert sum(short.dropped.values()) == len(questions) - len(short.main) > 0
+    assert set(short.dropped) <= {"single/ungrounded_answer", "single/ungrounded_search"}
+    for traj in short.main:
+        q = questions[traj.query]
+        seen = tok.decode(traj.tokens[: traj.turns[-1][0]])
+        assert q.answer in seen and all(h.doc_id in seen for h in q.chain)
+
+
 def _tiny_model(vocab, seed=0):
     cfg = ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8)

@@ -11,6 +11,10 @@ wrapping, context limits, per-turn token limit); only the actions come from the 
     sub teacher:   <search>query</search>          the hop's subject name (or the sub-question itself)
                    <read>doc-id</read>             the hop's document, an id shown in the search results
                    <result>hop answer</result>
+    single teacher (a single agent with the tools, no sub-agent), for each hop in turn:
+                   <search>the hop's subject name</search> <read>doc-id</read>
+                   then <answer>gold answer</answer>
+                   (hop i's subject is hop i-1's answer, which the agent read in hop i-1's document)
 
 Grounding. A demonstration must never teach a model to write an id or an answer that its context does not
 show. The sub teacher reads the hop's document only when its id is visible in the (possibly truncated) search
@@ -142,6 +146,31 @@ class SubTeacher(_Teacher):
         return self.protocol.final_action, hop.answer  # not found: ungrounded, dropped by the check
 
 
+class SingleTeacher(_Teacher):
+    """A single agent with the tools: searches each hop's subject name, reads the hop's document when the search
+    results show its id, and answers the gold answer after the last hop. Only the subject name is grounded for
+    a single agent (hop i's sub-question is nowhere in its context), so there is no fallback query: a hop whose
+    document the search does not show ends the episode with an ungrounded answer, dropped by the check."""
+
+    def __init__(self, codec, protocol, system_prompt, questions: Sequence[Question], *, search: str, read: str,
+                 max_new_tokens=None, max_prompt_tokens=None):
+        super().__init__(codec, protocol, system_prompt, {q.question: q for q in questions}, max_new_tokens,
+                         max_prompt_tokens)
+        self.search, self.read = search, read
+
+    def act(self, text, question: Question, observations):
+        seen = iter(observations)
+        for hop in question.chain:
+            obs = next(seen, None)
+            if obs is None:
+                return self.search, hop.subject
+            if hop.doc_id not in obs:
+                return self.protocol.final_action, question.answer  # not found: ungrounded, dropped
+            if next(seen, None) is None:
+                return self.read, hop.doc_id
+        return self.protocol.final_action, question.answer
+
+
 # ------------------------------------------------------------------------------------------------- checks
 
 
@@ -211,7 +240,8 @@ def make_demonstrations(controller: Controller, questions: Sequence[Question], *
                         fallback_query: bool = True, chunk_size: int = 512) -> Demonstrations:
     """Runs the teachers through a copy of `controller` (its config, codec, protocols and tools; the teachers
     replace its policies) on `questions`, one rollout each; returns the demonstrations that pass
-    `check_demonstration`.
+    `check_demonstration`. A single-agent controller (no sub-agent) gets the single teacher; its
+    demonstrations are in `main` and `sub` is empty.
 
     Args:
       controller: the run's controller (multi-agent: its main protocol delegates to a sub-agent).
@@ -220,9 +250,9 @@ def make_demonstrations(controller: Controller, questions: Sequence[Question], *
       fallback_query: search once more with the other query when the first does not show the document.
       chunk_size: questions per controller run (bounds the size of one batch of tool calls).
     """
-    if controller.delegate_action is None:
-        raise ValueError("make_demonstrations needs a multi-agent controller (a main agent that delegates)")
     c, codec = controller, controller.codec
+    if c.delegate_action is None:
+        return _single_agent_demonstrations(c, questions, chunk_size)
     main = MainTeacher(codec, c.main_protocol, c.config.main_system_prompt, questions, delegate=c.delegate_action,
                        max_new_tokens=getattr(c.main_policy, "max_new_tokens", None),
                        max_prompt_tokens=getattr(c.main_policy, "max_prompt_tokens", None))
@@ -237,9 +267,7 @@ def make_demonstrations(controller: Controller, questions: Sequence[Question], *
     for lo in range(0, len(questions), chunk_size):
         chunk = list(questions[lo:lo + chunk_size])
         batch = teacher.run([q.question for q in chunk], 1, jax.random.key(0))
-        for key, value in batch.stats.items():
-            if isinstance(value, (int, float)) and "/" in key:
-                stats[key] += value
+        _add_counts(stats, batch.stats)
         for traj in batch.main:
             q = chunk[traj.query]
             names = {h.question: h.subject for h in q.chain}
@@ -262,3 +290,33 @@ def make_demonstrations(controller: Controller, questions: Sequence[Question], *
     stats.update(questions=len(questions), main_kept=len(kept_main), sub_kept=len(kept_sub),
                  hops=len(hops))
     return Demonstrations(kept_main, kept_sub, dropped, dict(stats))
+
+
+def _single_agent_demonstrations(c: Controller, questions: Sequence[Question], chunk_size: int) -> Demonstrations:
+    codec, protocol = c.codec, c.main_protocol
+    search, read = protocol.tool_actions[:2]
+    single = SingleTeacher(codec, protocol, c.config.single_system_prompt, questions, search=search, read=read,
+                           max_new_tokens=getattr(c.main_policy, "max_new_tokens", None),
+                           max_prompt_tokens=getattr(c.main_policy, "max_prompt_tokens", None))
+    teacher = Controller(config=c.config, codec=codec, main_policy=single, main_protocol=protocol, tools=c.tools)
+    kept, dropped, stats = [], Counter(), Counter()
+    for lo in range(0, len(questions), chunk_size):
+        chunk = list(questions[lo:lo + chunk_size])
+        batch = teacher.run([q.question for q in chunk], 1, jax.random.key(0))
+        _add_counts(stats, batch.stats)
+        for traj in batch.main:
+            q = chunk[traj.query]
+            why = check_demonstration(traj, codec, protocol, q.question, q.answer)
+            traj.query += lo
+            if why is None:
+                kept.append(traj)
+            else:
+                dropped[f"single/{why}"] += 1
+    stats.update(questions=len(questions), main_kept=len(kept), sub_kept=0)
+    return Demonstrations(kept, [], dropped, dict(stats))
+
+
+def _add_counts(total: Counter, batch_stats: Mapping) -> None:
+    for key, value in batch_stats.items():
+        if isinstance(value, (int, float)) and "/" in key:
+            total[key] += value

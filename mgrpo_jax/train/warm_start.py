@@ -36,7 +36,7 @@ from mgrpo_jax.train.demonstrations import SEARCH_QUERIES, Demonstrations, make_
 
 logger = logging.getLogger(__name__)
 
-MODES = ("co_train", "main_only", "shared_model")
+MODES = ("co_train", "main_only", "shared_model", "single_agent")
 LENGTH_MULTIPLE = 16  # SFT rows are padded to the longest demonstration, rounded up to this
 
 
@@ -141,8 +141,7 @@ def warm_start(config, workdir: str, *, log: Callable[[str], None] = logger.info
     """SFT of every agent of `config` on demonstrations of its training questions; see the module docstring."""
     ws = make(WarmStartConfig, config.get("warm_start", {}), "warm_start")
     if config.mode not in MODES:
-        raise ValueError(f"warm_start supports config.mode in {list(MODES)} (a main agent that delegates), got "
-                         f"{config.mode!r}: the single agent has no demonstrations yet")
+        raise ValueError(f"warm_start supports config.mode in {list(MODES)}, got {config.mode!r}")
     if config.task.kind != "synthetic":
         raise ValueError("warm_start needs config.task.kind='synthetic': demonstrations follow each question's "
                          "hop chain, which only generated questions carry")
@@ -162,13 +161,17 @@ def warm_start(config, workdir: str, *, log: Callable[[str], None] = logger.info
     demo_stats = {**demos.stats, "dropped": dict(demos.dropped)}
     log(f"demonstrations: {len(demos.main)} main, {len(demos.sub)} sub from {len(questions)} questions in "
         f"{time.perf_counter() - t0:.1f}s; dropped {dict(demos.dropped) or 'none'}")
-    if not demos.main or not demos.sub:
+    if not demos.main or (config.mode != "single_agent" and not demos.sub):
         raise ValueError(f"no usable demonstrations ({demo_stats}); raise controller.max_observation_tokens or "
                          "task.search_top_k so that search results show the documents")
 
     # -- one SFT trainer per model ------------------------------------------------------------------------
-    groups = {"main": (["main", "sub"], demos.main + demos.sub)} if config.mode == "shared_model" else \
-        {"main": (["main"], demos.main), "sub": (["sub"], demos.sub)}
+    if config.mode == "single_agent":
+        groups = {"main": (["main"], demos.main)}
+    elif config.mode == "shared_model":  # one model learns both roles
+        groups = {"main": (["main", "sub"], demos.main + demos.sub)}
+    else:
+        groups = {"main": (["main"], demos.main), "sub": (["sub"], demos.sub)}
     agents = {}
     for i, (name, (roles, rows)) in enumerate(groups.items()):
         max_len = _round_up(max(len(t.tokens) for t in rows), LENGTH_MULTIPLE)

@@ -1,0 +1,12 @@
+"""M-GRPO: main agent and sub-agent co-trained, each on its own advantages, with trajectory alignment.
+
+    python launch/train.py --config configs/repro/co_train.py:runs/repro --workdir runs/repro/co_train/seed0 --config.seed=0
+
+The argument is the repro root holding the warm starts (configs/repro/common.py); launch/repro.py runs every
+setting and seed.
+"""
+from configs.repro.common import DEFAULT_ROOT, rl_config
+
+
+def get_config(root: str = DEFAULT_ROOT):
+    return rl_config("co_train", root)

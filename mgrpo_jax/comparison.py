@@ -1,0 +1,256 @@
+"""Results of a comparison of training settings over seeds: per-run summaries from each run's metrics.jsonl, the
+table (held-out accuracy at the end, area under the training-reward curve, mean and spread over seeds) and the
+reward curves. `launch/repro.py` runs the paper's comparisons (configs/repro/) and writes these to docs/results/.
+
+    runs = [summarize_run(workdir, setting, seed) for ...]
+    write_results("docs/results", runs, start_accuracy={"co_train": 0.25, ...}, meta={...})
+
+Definitions (stated in the table's header as well):
+  reward AUC       the area under the per-step training-reward curve (main agent's mean reward over its Q x K
+                   episodes) divided by the number of steps, i.e. the mean training reward over the run. It counts
+                   how much reward a setting collected, not only where it ended.
+  held-out acc.    exact-match accuracy of greedy episodes on the held-out questions after the last step.
+  spread           the sample standard deviation over seeds, and [min, max].
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+REWARD_KEY = "main/reward_mean"
+TRAIN_ACCURACY_KEY = "main/accuracy"
+HELD_OUT_KEY = "greedy/accuracy"
+FORMAT_ERROR_KEY = "greedy/format_error_rate"
+SMOOTHING = 5  # steps in the moving average of the plotted curves
+# Averaged over a run's steps for the diagnostics table: where the learning signal is and what alignment did.
+DIAGNOSTIC_KEYS = ("main/zero_variance_frac", "sub/zero_variance_frac", "main/format_error_rate",
+                   "rollout/delegations_per_rollout", "sub/reward_mean", "sub/format_error_rate",
+                   "align/duplicated", "align/borrowed", "align/masked", "align/dropped", "main/entropy_mean")
+
+
+@dataclasses.dataclass
+class RunSummary:
+    setting: str
+    seed: int
+    reward: np.ndarray  # per step, the main agent's mean training reward
+    train_accuracy: np.ndarray  # per step, the main agent's training accuracy
+    held_out_accuracy: float  # greedy, after the last step
+    held_out_format_error: float
+    wall_s: float | None = None
+    diagnostics: dict[str, float] = dataclasses.field(default_factory=dict)  # DIAGNOSTIC_KEYS' means over steps
+
+    @property
+    def steps(self) -> int:
+        return len(self.reward)
+
+    @property
+    def reward_auc(self) -> float:
+        return reward_auc(self.reward)
+
+
+def reward_auc(curve: Sequence[float]) -> float:
+    """Area under a per-step curve divided by its number of steps (each step a unit-width bar): the mean."""
+    curve = np.asarray(curve, np.float64)
+    if curve.size == 0 or not np.all(np.isfinite(curve)):
+        raise ValueError(f"reward_auc needs a non-empty, finite curve; got {curve.size} values")
+    return float(curve.mean())
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The entries of a metrics.jsonl (MetricsWriter), in order; a bad line is an error naming path:line."""
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not a JSON line ({e})") from None
+    return entries
+
+
+def summarize_run(workdir: str, setting: str, seed: int, *, total_steps: int | None = None,
+                  wall_s: float | None = None) -> RunSummary:
+    """One run's curves and final held-out evaluation from workdir/metrics.jsonl.
+
+    A resumed run may log a step twice; the last entry of each step counts. Raises ValueError, naming the file,
+    when steps are missing (fewer than `total_steps`, or a gap) or the final evaluation is absent.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: the run of {setting} seed {seed} has not started")
+    train: dict[int, dict[str, Any]] = {}
+    final: dict[str, Any] | None = None
+    for entry in read_metrics(path):
+        if REWARD_KEY in entry:
+            train[int(entry["step"])] = entry
+        if HELD_OUT_KEY in entry:
+            final = entry
+    steps = sorted(train)
+    expected = list(range(1, (total_steps or (steps[-1] if steps else 0)) + 1))
+    if not steps or steps != expected:
+        missing = sorted(set(expected) - set(steps))
+        raise ValueError(f"{path}: training steps {missing[:5]}{'...' if len(missing) > 5 else ''} are missing "
+                         f"(logged {len(steps)} of {len(expected)}); finish the run (same command) or delete it")
+    if final is None or int(final["step"]) != steps[-1]:
+        raise ValueError(f"{path}: no held-out evaluation after the last step {steps[-1]}; the run did not finish")
+    diagnostics = {k: float(np.mean([train[s][k] for s in steps])) for k in DIAGNOSTIC_KEYS
+                   if all(k in train[s] for s in steps)}
+    return RunSummary(setting, int(seed), np.array([train[s][REWARD_KEY] for s in steps], np.float64),
+                      np.array([train[s].get(TRAIN_ACCURACY_KEY, np.nan) for s in steps], np.float64),
+                      float(final[HELD_OUT_KEY]), float(final.get(FORMAT_ERROR_KEY, np.nan)), wall_s, diagnostics)
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max())}
+
+
+def summarize_settings(runs: Sequence[RunSummary], settings: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per setting (in `settings` order, else first-seen order): seeds, and the spread over seeds of
+    held-out accuracy, reward AUC, final-10%-of-steps training reward and held-out format errors."""
+    order = list(settings) if settings is not None else list(dict.fromkeys(r.setting for r in runs))
+    rows = []
+    for setting in order:
+        group = [r for r in runs if r.setting == setting]
+        if not group:
+            continue
+        tail = [float(r.reward[-max(1, r.steps // 10):].mean()) for r in group]
+        rows.append({
+            "setting": setting, "seeds": sorted(r.seed for r in group), "steps": group[0].steps,
+            "held_out_accuracy": _spread([r.held_out_accuracy for r in group]),
+            "reward_auc": _spread([r.reward_auc for r in group]),
+            "final_reward": _spread(tail),
+            "held_out_format_error": _spread([r.held_out_format_error for r in group]),
+            "wall_s": _spread([r.wall_s for r in group]) if all(r.wall_s is not None for r in group) else None,
+            "diagnostics": {k: float(np.mean([r.diagnostics[k] for r in group])) for k in DIAGNOSTIC_KEYS
+                            if all(k in r.diagnostics for r in group)},
+        })
+    return rows
+
+
+def _cell(s: Mapping[str, float], scale: float = 1.0, digits: int = 1) -> str:
+    return (f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f} "
+            f"[{s['min'] * scale:.{digits}f}, {s['max'] * scale:.{digits}f}]")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], start_accuracy: Mapping[str, float] | None = None) -> str:
+    """The results table (Markdown): accuracies in %, mean ± sd [min, max] over seeds."""
+    start_accuracy = start_accuracy or {}
+    lines = ["| setting | seeds | held-out acc. at start (%) | held-out acc. at end (%) | reward AUC | "
+             "training reward, last 10% of steps | held-out format errors (%) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        start = start_accuracy.get(r["setting"])
+        lines.append(f"| {r['setting']} | {len(r['seeds'])} | {'-' if start is None else f'{100 * start:.1f}'} | "
+                     f"{_cell(r['held_out_accuracy'], 100)} | {_cell(r['reward_auc'], digits=3)} | "
+                     f"{_cell(r['final_reward'], digits=3)} | {_cell(r['held_out_format_error'], 100)} |")
+    return "\n".join(lines)
+
+
+def diagnostics_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Means over steps and seeds of DIAGNOSTIC_KEYS (Markdown); '-' where a setting does not have the key."""
+    keys = [k for k in DIAGNOSTIC_KEYS if any(k in r["diagnostics"] for r in rows)]
+    lines = ["| setting | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for r in rows:
+        cells = [f"{r['diagnostics'][k]:.3f}" if k in r["diagnostics"] else "-" for k in keys]
+        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _smooth(curve: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (the first points average over what exists so far)."""
+    c = np.cumsum(np.insert(np.asarray(curve, np.float64), 0, 0.0))
+    n = np.arange(1, len(curve) + 1)
+    lo = np.maximum(n - window, 0)
+    return (c[n] - c[lo]) / (n - lo)
+
+
+def plot_curves(path: str, runs: Sequence[RunSummary], settings: Sequence[str] | None = None,
+                start_accuracy: Mapping[str, float] | None = None, title: str = "") -> None:
+    """PNG: left, the training reward per step (moving average over SMOOTHING steps; line = mean over seeds,
+    band = min..max over seeds); right, held-out accuracy at the start and the end (bars: mean, dots: seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    order = list(settings) if settings is not None else list(dict.fromkeys(r.setting for r in runs))
+    order = [s for s in order if any(r.setting == s for r in runs)]
+    start_accuracy = start_accuracy or {}
+    fig, (ax_curve, ax_acc) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, setting in enumerate(order):
+        group = [r for r in runs if r.setting == setting]
+        steps = min(r.steps for r in group)
+        curves = np.stack([_smooth(r.reward[:steps], SMOOTHING) for r in group])
+        x = np.arange(1, steps + 1)
+        color = colors[i % len(colors)]
+        ax_curve.plot(x, curves.mean(0), color=color, label=f"{setting} ({len(group)} seeds)")
+        ax_curve.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.15, linewidth=0)
+        end = [r.held_out_accuracy * 100 for r in group]
+        ax_acc.bar(i + 0.2, np.mean(end), width=0.38, color=color, label="end" if i == 0 else None)
+        ax_acc.scatter([i + 0.2] * len(end), end, color="black", s=10, zorder=3)
+        if setting in start_accuracy:
+            ax_acc.bar(i - 0.2, start_accuracy[setting] * 100, width=0.38, color=color, alpha=0.35,
+                       label="start (warm start)" if i == 0 else None)
+    ax_curve.set_xlabel("RL step")
+    ax_curve.set_ylabel(f"training reward (main agent, {SMOOTHING}-step moving average)")
+    ax_curve.grid(alpha=0.3)
+    ax_curve.legend(fontsize=8)
+    ax_acc.set_xticks(range(len(order)), order, rotation=20, ha="right", fontsize=8)
+    ax_acc.set_ylabel("held-out greedy accuracy (%)")
+    ax_acc.grid(axis="y", alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(out_dir: str, runs: Sequence[RunSummary], *, settings: Sequence[str] | None = None,
+                  start_accuracy: Mapping[str, float] | None = None, meta: Mapping[str, Any] | None = None,
+                  failures: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Writes out_dir/results.json (every run's curves and the per-setting rows), results.md (the table, the
+    definitions and `meta`) and reward_curves.png. Returns {kind: path}."""
+    if not runs:
+        raise ValueError("write_results got no finished runs")
+    os.makedirs(out_dir, exist_ok=True)
+    rows = summarize_settings(runs, settings)
+    meta = dict(meta or {})
+    paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),
+             "plot": os.path.join(out_dir, "reward_curves.png")}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "start_accuracy": dict(start_accuracy or {}), "settings": rows,
+                   "failures": dict(failures or {}),
+                   "runs": [{"setting": r.setting, "seed": r.seed, "held_out_accuracy": r.held_out_accuracy,
+                             "held_out_format_error": r.held_out_format_error, "reward_auc": r.reward_auc,
+                             "wall_s": r.wall_s, "diagnostics": r.diagnostics, "reward": r.reward.tolist(),
+                             "train_accuracy": r.train_accuracy.tolist()} for r in runs]}, f, indent=1)
+    plot_curves(paths["plot"], runs, settings, start_accuracy)
+    lines = ["# Results", "", markdown_table(rows, start_accuracy), "",
+             "Mean ± sample standard deviation [min, max] over seeds. *Reward AUC*: the area under the per-step "
+             "training-reward curve divided by the number of steps (the mean training reward of the main agent "
+             "over the run). *Held-out accuracy*: exact match of greedy episodes on the held-out questions; *at "
+             "start* is the warm-started agents' (the same for every seed).", "",
+             "![reward curves](reward_curves.png)", "",
+             "## Diagnostics (means over steps, then seeds)", "", diagnostics_table(rows), "",
+             "*zero_variance_frac*: the fraction of groups whose rewards are all equal (no learning signal). "
+             "*align/**: sub-agent slots per step that alignment kept as duplicates, borrowed from sibling "
+             "rollouts, left masked, or dropped.", ""]
+    if failures:
+        lines += ["## Runs that did not finish", ""] + [f"- {k}: {v}" for k, v in failures.items()] + [""]
+    if meta:
+        lines += ["## Run", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    with open(paths["markdown"], "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return paths

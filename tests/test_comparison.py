@@ -1,0 +1,142 @@
+"""Results of the comparisons (mgrpo_jax/comparison.py): run summaries from metrics.jsonl, the table, the curves;
+and launch/repro.py end to end on a tiny budget."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mgrpo_jax.comparison import (RunSummary, _smooth, markdown_table, read_metrics, reward_auc, summarize_run,
+                                  summarize_settings, write_results)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write_metrics(workdir, entries):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+        for e in entries:
+            f.write(json.dumps(e) + "\n")
+
+
+def _step(step, reward, accuracy=0.0):
+    return {"step": step, "main/reward_mean": reward, "main/accuracy": accuracy, "time/update_s": 1.0,
+            "main/zero_variance_frac": accuracy / 2}
+
+
+def test_reward_auc_is_the_mean_of_the_per_step_curve():
+    assert reward_auc([0.0, 0.5, 1.0, 0.5]) == pytest.approx(0.5)
+    assert reward_auc([0.2]) == pytest.approx(0.2)
+    for bad in ([], [0.1, float("nan")]):
+        with pytest.raises(ValueError, match="finite"):
+            reward_auc(bad)
+
+
+def test_summarize_run_keeps_the_last_entry_of_each_step_and_the_final_evaluation(tmp_path):
+    workdir = str(tmp_path / "run")
+    # A run interrupted after step 2 and resumed from step 1 logs step 2 twice; the later entry counts.
+    _write_metrics(workdir, [_step(1, 0.1, 0.0), _step(2, 0.9, 1.0), _step(2, 0.3, 0.25), _step(3, 0.5, 0.5),
+                             {"step": 3, "greedy/accuracy": 0.375, "greedy/format_error_rate": 0.125}])
+    run = summarize_run(workdir, "co_train", 2, total_steps=3, wall_s=12.0)
+    np.testing.assert_allclose(run.reward, [0.1, 0.3, 0.5])
+    np.testing.assert_allclose(run.train_accuracy, [0.0, 0.25, 0.5])
+    assert (run.held_out_accuracy, run.held_out_format_error, run.steps, run.seed) == (0.375, 0.125, 3, 2)
+    assert run.reward_auc == pytest.approx(0.3)
+    assert run.diagnostics == pytest.approx({"main/zero_variance_frac": 0.125})  # only keys every step has
+
+
+def test_unfinished_or_damaged_runs_are_errors_that_name_the_file(tmp_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="has not started"):
+        summarize_run(workdir, "co_train", 0)
+    _write_metrics(workdir, [_step(1, 0.1), _step(3, 0.2), {"step": 3, "greedy/accuracy": 0.5}])
+    with pytest.raises(ValueError, match=r"metrics.jsonl: training steps \[2\] are missing"):
+        summarize_run(workdir, "co_train", 0)
+    _write_metrics(workdir, [_step(1, 0.1), _step(2, 0.2), {"step": 2, "greedy/accuracy": 0.5}])
+    with pytest.raises(ValueError, match=r"steps \[3, 4\] are missing \(logged 2 of 4\)"):
+        summarize_run(workdir, "co_train", 0, total_steps=4)
+    _write_metrics(workdir, [_step(1, 0.1), _step(2, 0.2)])
+    with pytest.raises(ValueError, match="no held-out evaluation after the last step 2"):
+        summarize_run(workdir, "co_train", 0)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:3: not a JSON line"):
+        read_metrics(os.path.join(workdir, "metrics.jsonl"))
+
+
+def _run(setting, seed, rewards, held_out, wall=None):
+    return RunSummary(setting, seed, np.asarray(rewards, float), np.zeros(len(rewards)), held_out, 0.1, wall,
+                      {"main/zero_variance_frac": 0.25})
+
+
+def test_settings_rows_hold_mean_sample_std_and_range_over_seeds():
+    runs = [_run("a", 0, [0.0, 1.0], 0.2, 10.0), _run("a", 1, [0.5, 0.5], 0.4, 20.0), _run("a", 2, [1.0, 1.0], 0.9, 30.0),
+            _run("b", 0, [0.1] * 20 + [0.7] * 2, 0.3)]
+    rows = summarize_settings(runs, ["b", "a", "missing"])
+    assert [r["setting"] for r in rows] == ["b", "a"]
+    b, a = rows
+    acc = np.array([0.2, 0.4, 0.9])
+    assert a["seeds"] == [0, 1, 2] and a["steps"] == 2
+    assert a["held_out_accuracy"] == pytest.approx({"mean": acc.mean(), "std": acc.std(ddof=1), "min": 0.2, "max": 0.9})
+    assert a["reward_auc"]["mean"] == pytest.approx(np.mean([0.5, 0.5, 1.0]))
+    assert a["final_reward"]["mean"] == pytest.approx(np.mean([1.0, 0.5, 1.0]))  # the last step of 2
+    assert a["wall_s"]["mean"] == pytest.approx(20.0) and b["wall_s"] is None
+    assert b["held_out_accuracy"]["std"] == 0.0  # one seed: no spread
+    assert b["final_reward"]["mean"] == pytest.approx(0.7)  # the last 10% of 22 steps: 2 steps
+    table = markdown_table(rows, {"a": 0.25})
+    assert "| a | 3 | 25.0 | 50.0 ± 36.1 [20.0, 90.0] |" in table and "| b | 1 | - | 30.0 ± 0.0 [30.0, 30.0] |" in table
+
+
+def test_smoothing_is_a_trailing_moving_average():
+    curve = np.array([1.0, 3.0, 2.0, 8.0, 0.0, 4.0])
+    expected = [np.mean(curve[max(0, i - 2):i + 1]) for i in range(len(curve))]
+    np.testing.assert_allclose(_smooth(curve, 3), expected)
+
+
+def test_write_results_writes_the_table_the_curves_and_every_run(tmp_path):
+    runs = [_run(s, seed, np.linspace(0.1, 0.2 + 0.1 * seed, 12), 0.1 * (seed + 1), 5.0)
+            for s in ("co_train", "main_only") for seed in (0, 1)]
+    paths = write_results(str(tmp_path / "out"), runs, start_accuracy={"co_train": 0.1, "main_only": 0.1},
+                          meta={"command": "python launch/repro.py"}, failures={"shared_model seed 0": "log.txt"})
+    with open(paths["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(paths["plot"]) > 10_000
+    with open(paths["json"], encoding="utf-8") as f:
+        data = json.load(f)
+    assert len(data["runs"]) == 4 and data["runs"][3]["reward"] == pytest.approx(list(np.linspace(0.1, 0.3, 12)))
+    assert [r["setting"] for r in data["settings"]] == ["co_train", "main_only"]
+    with open(paths["markdown"], encoding="utf-8") as f:
+        text = f.read()
+    assert "| co_train | 2 | 10.0 | 15.0 ± 7.1 [10.0, 20.0] |" in text
+    assert "shared_model seed 0: log.txt" in text and "python launch/repro.py" in text
+    assert "| setting | main/zero_variance_frac |" in text and "| co_train | 0.250 |" in text
+    with pytest.raises(ValueError, match="no finished runs"):
+        write_results(str(tmp_path / "empty"), [])
+
+
+def test_repro_command_end_to_end_on_a_tiny_budget(tmp_path):
+    """launch/repro.py as the README runs it, shrunk: both warm-start kinds it needs (multi-agent, single agent),
+    two settings x one seed of RL, the results; then a second invocation reuses every finished run."""
+    root, out = str(tmp_path / "repro"), str(tmp_path / "results")
+    common = ["warm_start.max_questions=24", "eval_questions=4", "task.num_entities=40", "task.num_questions=80"]
+    cmd = [sys.executable, "launch/repro.py", f"--root={root}", f"--out={out}", "--settings=co_train,single_agent",
+           "--seeds=0", "--warm_start_set=warm_start.epochs=1", "--train_set=total_steps=2",
+           "--train_set=task.skip_train_questions=24"]
+    for pair in common:
+        cmd += [f"--warm_start_set={pair}", f"--train_set={pair}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for kind in ("multi", "single"):
+        assert os.path.exists(os.path.join(root, f"warm_{kind}", "warm_start", "main", "config.json"))
+    assert not os.path.exists(os.path.join(root, "warm_shared"))  # no setting needed it
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    assert sorted((r["setting"], r["seed"], len(r["reward"])) for r in data["runs"]) == \
+        [("co_train", 0, 2), ("single_agent", 0, 2)]
+    assert os.path.getsize(os.path.join(out, "reward_curves.png")) > 0
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("(reused)") == 4, \
+        again.stdout
