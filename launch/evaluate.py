@@ -1,7 +1,13 @@
 """Evaluate a run's checkpoint on held-out questions: accuracy and format-error rate, greedy and pass@k.
 
     python launch/evaluate.py --config configs/tiny_cpu.py --workdir /tmp/mgrpo_tiny [--step 20] \
-        [--num_questions 64] [--pass_k 4] [--output /tmp/mgrpo_tiny/eval.json]
+        [--num_questions 64] [--pass_k 4] [--failures] [--output /tmp/mgrpo_tiny/eval.json]
+    python launch/evaluate.py --config configs/repro/co_train.py:runs/repro --workdir /tmp/warm_eval --initial \
+        --failures --pass_k 0        # the warm-started agents the config starts from, no RL checkpoint
+
+`--failures` (generated tasks): where each greedy episode first went wrong, by the question's hop chain
+(mgrpo_jax.evaluation.FAILURE_DOC: format, answered early, wrong delegation, missed document, wrong fact,
+wrong answer).
 
 Use the config the run was trained with (the same overrides too). Questions come from the run's eval files
 (config.task.eval_files, or the generated held-out split). The result is written as JSON.
@@ -19,7 +25,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mgrpo_jax.data.pipeline import questions_and_golds, read_qa_rows  # noqa: E402
-from mgrpo_jax.evaluation import Evaluator  # noqa: E402
+from mgrpo_jax.data.synthetic import read_questions_jsonl  # noqa: E402
+from mgrpo_jax.evaluation import FAILURE_DOC, Evaluator, failure_breakdown  # noqa: E402
+from mgrpo_jax.experiment import build_experiment  # noqa: E402
 from mgrpo_jax.train.run import configure_logging, load_trained  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
@@ -28,6 +36,9 @@ flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 flags.DEFINE_integer("num_questions", 64, "Held-out questions to evaluate (the first N).")
 flags.DEFINE_integer("pass_k", 4, "k for sampled pass@k (0: greedy only).")
 flags.DEFINE_string("output", None, "JSON output path; default: <workdir>/eval_step<N>.json.")
+flags.DEFINE_bool("failures", False, "Also classify where each greedy episode first went wrong (generated tasks).")
+flags.DEFINE_bool("initial", False, "Evaluate the weights the config starts from (random or its checkpoints, e.g. "
+                  "a warm start) instead of the run's latest checkpoint.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,19 +46,27 @@ def main(argv):
     del argv
     configure_logging()
     f = flags.FLAGS
-    exp, step = load_trained(f.config, f.workdir, f.step)
+    if f.initial:
+        exp, step = build_experiment(f.config, f.workdir), 0
+    else:
+        exp, step = load_trained(f.config, f.workdir, f.step)
     if not exp.data.eval_files:
         raise app.UsageError("the config has no eval files (config.task.eval_files) to evaluate on")
     rows, skipped = read_qa_rows(exp.data.eval_files, on_bad_row=f.config.task.on_bad_row)
     questions, golds = questions_and_golds(rows[: f.num_questions])
     evaluator = Evaluator(exp.controller, exp.loop.config.rewards)
     result = {"step": step, "skipped_rows": len(skipped), **evaluator.run(questions, golds, greedy=True)}
+    if f.failures:
+        chains = [q for path in exp.data.eval_files for q in read_questions_jsonl(path)][: f.num_questions]
+        result.update(failure_breakdown(evaluator, chains))
     if f.pass_k > 0:
         result.update(evaluator.run(questions, golds, greedy=False, k=f.pass_k, rng=jax.random.key(f.config.seed)))
     output = f.output or os.path.join(f.workdir, f"eval_step{step}.json")
     with open(output, "w", encoding="utf-8") as out:
         json.dump(result, out, indent=2)
     print(json.dumps(result, indent=2))
+    if f.failures:
+        print("\n".join(f"{k:>28}  {FAILURE_DOC[k.split('/')[1]]}" for k in result if k.startswith("failures/")))
     print(f"written to {output}")
 
 

@@ -144,13 +144,15 @@ def _cell(s: Mapping[str, float], scale: float = 1.0, digits: int = 1) -> str:
 def markdown_table(rows: Sequence[Mapping[str, Any]], start_accuracy: Mapping[str, float] | None = None) -> str:
     """The results table (Markdown): accuracies in %, mean ± sd [min, max] over seeds."""
     start_accuracy = start_accuracy or {}
-    lines = ["| setting | seeds | held-out acc. at start (%) | held-out acc. at end (%) | reward AUC | "
-             "training reward, last 10% of steps | held-out format errors (%) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | seeds | held-out acc. at start (%) | held-out acc. at end (%) | change (points) | "
+             "reward AUC | training reward, last 10% of steps | held-out format errors (%) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         start = start_accuracy.get(r["setting"])
+        acc = r["held_out_accuracy"]
+        change = "-" if start is None else f"{100 * (acc['mean'] - start):+.1f}"
         lines.append(f"| {r['setting']} | {len(r['seeds'])} | {'-' if start is None else f'{100 * start:.1f}'} | "
-                     f"{_cell(r['held_out_accuracy'], 100)} | {_cell(r['reward_auc'], digits=3)} | "
+                     f"{_cell(acc, 100)} | {change} | {_cell(r['reward_auc'], digits=3)} | "
                      f"{_cell(r['final_reward'], digits=3)} | {_cell(r['held_out_format_error'], 100)} |")
     return "\n".join(lines)
 

@@ -12,13 +12,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from mgrpo_jax.rollout.controller import Controller, SamplerPolicy
+from mgrpo_jax.rollout.controller import Controller, SamplerPolicy, Trajectory
 from mgrpo_jax.rollout.rewards import RewardConfig
 from mgrpo_jax.rollout.sampler import Sampler
 from mgrpo_jax.train.mgrpo import compute_rewards
 
 
 def _greedy(policy: SamplerPolicy) -> SamplerPolicy:
+    if not isinstance(policy, SamplerPolicy):  # scripted or remote policies decode as they do
+        return policy
     sampler = policy.sampler
     greedy = Sampler(sampler.graphdef, sampler.model_config, dataclasses.replace(sampler.config, temperature=0.0))
     return SamplerPolicy(greedy, policy.params, policy.version)
@@ -36,11 +38,12 @@ class Evaluator:
         if not greedy:
             return c
         main = self._greedy.setdefault("main", _greedy(c.main_policy))
-        main.update(c.main_policy.params, c.main_policy.version)
         sub = None
         if c.sub_policy is not None:
             sub = main if c.sub_policy is c.main_policy else self._greedy.setdefault("sub", _greedy(c.sub_policy))
-            sub.update(c.sub_policy.params, c.sub_policy.version)
+        for greedy_policy, policy in ((main, c.main_policy), (sub, c.sub_policy)):
+            if greedy_policy is not None and greedy_policy is not policy:  # the current parameters
+                greedy_policy.update(policy.params, policy.version)
         return Controller(config=c.config, codec=c.codec, main_policy=main, main_protocol=c.main_protocol,
                           tools=c.tools, sub_policy=sub, sub_protocol=c.sub_protocol, delegate_action=c.delegate_action)
 
@@ -66,3 +69,65 @@ class Evaluator:
 
 def _score(rewards: RewardConfig, traj, gold) -> bool:
     return rewards.correctness(traj.final, gold) >= 1.0
+
+
+# ----------------------------------------------------------------------------------------- failure analysis
+
+FAILURE_KINDS = ("correct", "format", "answered_early", "wrong_delegation", "missed_document", "wrong_fact",
+                 "wrong_answer")
+FAILURE_DOC = {
+    "correct": "the final answer is right",
+    "format": "the main (or single) agent's episode ended badly: a malformed action or a limit",
+    "answered_early": "the main agent answered before every hop was delegated",
+    "wrong_delegation": "a delegated sub-question does not name the hop's subject (e.g. a wrong earlier answer)",
+    "missed_document": "the hop's document was never read (search missed it, or the agent read another)",
+    "wrong_fact": "the sub-agent read the hop's document but reported a wrong (or no) fact",
+    "wrong_answer": "every hop's document was read (and, with a sub-agent, its fact reported), yet the final "
+                    "answer is wrong",
+}
+
+
+def _actions(traj: Trajectory, controller: Controller, protocol) -> list:
+    return [protocol.parse(controller.codec.decode(traj.tokens[s:e])) for s, e in traj.turns]
+
+
+def classify_episode(controller: Controller, rewards: RewardConfig, question, main: Trajectory,
+                     subs: Sequence[Trajectory]) -> str:
+    """Where a generated question's episode first went wrong (one of FAILURE_KINDS), from its token records and
+    the question's hop chain (`data.synthetic.Question`). `subs`: the episode's sub trajectories in call order."""
+    if main.format_ok and rewards.correctness(main.final, question.answer) >= 1.0:
+        return "correct"
+    if controller.delegate_action is None:  # a single agent: it must read every hop's document itself
+        read = controller.main_protocol.tool_actions[1]
+        docs = {a.argument.strip() for a in _actions(main, controller, controller.main_protocol) if a.kind == read}
+        if any(hop.doc_id not in docs for hop in question.chain):
+            return "missed_document" if main.format_ok else "format"
+        return "wrong_answer" if main.format_ok else "format"
+    read = controller.sub_protocol.tool_actions[1]
+    for i, hop in enumerate(question.chain):
+        if i >= len(subs):
+            return "answered_early" if main.format_ok else "format"
+        sub = subs[i]
+        if hop.subject not in controller.codec.decode(sub.tokens[: sub.prompt_len]):
+            return "wrong_delegation"
+        if not (sub.format_ok and rewards.correctness(sub.final or "", hop.answer) >= 1.0):
+            docs = {a.argument.strip() for a in _actions(sub, controller, controller.sub_protocol) if a.kind == read}
+            return "wrong_fact" if hop.doc_id in docs else "missed_document"
+    return "wrong_answer" if main.format_ok else "format"
+
+
+def failure_breakdown(evaluator: Evaluator, questions: Sequence[Any]) -> dict[str, float]:
+    """Greedy episodes of generated questions (with hop chains), classified by `classify_episode`: the fraction
+    of questions of each of FAILURE_KINDS, as `failures/<kind>`."""
+    if not questions or not all(hasattr(q, "chain") for q in questions):
+        raise ValueError("failure_breakdown needs generated questions with hop chains "
+                         "(data.synthetic.read_questions_jsonl of a synthetic task's files)")
+    controller = evaluator._controller(greedy=True)
+    batch = controller.run([q.question for q in questions], 1, jax.random.key(0))
+    subs: dict[int, list[Trajectory]] = {}
+    for t in batch.sub:
+        subs.setdefault(t.query, []).append(t)
+    kinds = [classify_episode(controller, evaluator.rewards, q, batch.main[i], sorted(subs.get(i, []),
+                                                                                       key=lambda t: t.call))
+             for i, q in enumerate(questions)]
+    return {f"failures/{k}": kinds.count(k) / len(kinds) for k in FAILURE_KINDS}

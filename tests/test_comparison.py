@@ -86,7 +86,8 @@ def test_settings_rows_hold_mean_sample_std_and_range_over_seeds():
     assert b["held_out_accuracy"]["std"] == 0.0  # one seed: no spread
     assert b["final_reward"]["mean"] == pytest.approx(0.7)  # the last 10% of 22 steps: 2 steps
     table = markdown_table(rows, {"a": 0.25})
-    assert "| a | 3 | 25.0 | 50.0 ± 36.1 [20.0, 90.0] |" in table and "| b | 1 | - | 30.0 ± 0.0 [30.0, 30.0] |" in table
+    assert "| a | 3 | 25.0 | 50.0 ± 36.1 [20.0, 90.0] | +25.0 |" in table
+    assert "| b | 1 | - | 30.0 ± 0.0 [30.0, 30.0] | - |" in table
 
 
 def test_smoothing_is_a_trailing_moving_average():

@@ -1,0 +1,120 @@
+"""Failure analysis (mgrpo_jax.evaluation.classify_episode / failure_breakdown): scripted agents that go wrong in
+known places, through the real controller, are classified where they first went wrong."""
+import re
+
+import pytest
+
+from mgrpo_jax.evaluation import FAILURE_KINDS, Evaluator, failure_breakdown
+from mgrpo_jax.rollout.controller import Controller, ControllerConfig, TextCodec, ToolSet
+from mgrpo_jax.rollout.protocol import ProtocolConfig
+from mgrpo_jax.rollout.rewards import RewardConfig
+from rollout_fixtures import ScriptedPolicy, tokenizer, tools, world_and_questions
+
+PROTO = ProtocolConfig()
+OBSERVATION = re.compile(r"<information>")
+
+
+def _observations_after(text, task):
+    """Observations the agent got after its task (the system prompt mentions the tag too)."""
+    return len(OBSERVATION.findall(text[text.index(task):]))
+
+
+def _questions(n):
+    """n questions of 2+ hops whose hop sub-questions are unique (the scripts find their task by its text)."""
+    _, questions = world_and_questions(n_questions=40)
+    seen, out = set(), []
+    for q in questions:
+        hops = {h.question for h in q.chain}
+        if q.hops >= 2 and not hops & seen:
+            out.append(q)
+            seen |= hops
+    assert len(out) >= n
+    return out[:n]
+
+
+def _find(text, questions):
+    """The question whose text is in the (last) user message; None for a sub task."""
+    for i, q in enumerate(questions):
+        if q.question in text:
+            return i
+    return None
+
+
+def _evaluator(controller):
+    return Evaluator(controller, RewardConfig())
+
+
+def test_multi_agent_failures_are_classified_where_they_first_went_wrong():
+    questions = _questions(7)
+    faults = ["correct", "answered_early", "wrong_delegation", "missed_document", "wrong_fact", "wrong_answer",
+              "format"]
+    hop_of = {h.question: (i, j) for i, q in enumerate(questions) for j, h in enumerate(q.chain)}
+    wrong_doc = questions[0].chain[0].doc_id
+
+    def main(text):
+        i = _find(text, questions)
+        q, fault = questions[i], faults[i]
+        done = _observations_after(text, q.question)
+        if fault == "format":
+            return "I am not sure what to do."
+        if fault == "answered_early" and done == 0:
+            return "<answer>nobody</answer>"
+        if done < q.hops:
+            return "<delegate>who is it?</delegate>" if fault == "wrong_delegation" else \
+                f"<delegate>{q.chain[done].question}</delegate>"
+        return f"<answer>{q.answer if fault == 'correct' else 'wrong'}</answer>"  # a wrong fact misleads it
+
+    def sub(text):
+        hits = [hq for hq in hop_of if hq in text]
+        if not hits:  # a delegation that names no hop: search, read nothing, report nothing useful
+            return "<result>unknown</result>"
+        i, j = hop_of[hits[0]]
+        hop, fault, done = questions[i].chain[j], faults[i], _observations_after(text, hits[0])
+        if done == 0:
+            return f"<search>{hop.subject}</search>"
+        if done == 1:
+            return f"<read>{wrong_doc if fault == 'missed_document' else hop.doc_id}</read>"
+        return f"<result>{'nonsense' if fault in ('missed_document', 'wrong_fact') else hop.answer}</result>"
+
+    tok = tokenizer()
+    controller = Controller(config=ControllerConfig(max_observation_tokens=10_000, max_sub_turns=4),
+                            codec=TextCodec(tok, 10_000), main_policy=ScriptedPolicy(tok, main),
+                            main_protocol=PROTO.main(), tools=ToolSet(tools()), sub_policy=ScriptedPolicy(tok, sub),
+                            sub_protocol=PROTO.sub())
+    out = failure_breakdown(_evaluator(controller), questions)
+    assert set(out) == {f"failures/{k}" for k in FAILURE_KINDS}
+    assert out == pytest.approx({f"failures/{k}": faults.count(k) / len(faults) for k in FAILURE_KINDS})
+
+
+def test_single_agent_failures_are_classified_where_they_first_went_wrong():
+    questions = _questions(4)
+    faults = ["correct", "missed_document", "wrong_answer", "format"]
+
+    def single(text):
+        i = _find(text, questions)
+        q, fault = questions[i], faults[i]
+        done = _observations_after(text, q.question)
+        if fault == "format":
+            return "hmm"
+        steps = [a for h in q.chain for a in (f"<search>{h.subject}</search>", f"<read>{h.doc_id}</read>")]
+        if fault == "missed_document":
+            steps = steps[:1]  # searches once, reads nothing
+        if done < len(steps):
+            return steps[done]
+        return f"<answer>{q.answer if fault == 'correct' else 'wrong'}</answer>"
+
+    tok = tokenizer()
+    controller = Controller(config=ControllerConfig(max_observation_tokens=10_000, max_main_turns=12),
+                            codec=TextCodec(tok, 10_000), main_policy=ScriptedPolicy(tok, single),
+                            main_protocol=PROTO.single(), tools=ToolSet(tools()))
+    out = failure_breakdown(_evaluator(controller), questions)
+    assert out == pytest.approx({f"failures/{k}": faults.count(k) / len(faults) for k in FAILURE_KINDS})
+
+
+def test_failure_breakdown_needs_hop_chains():
+    tok = tokenizer()
+    controller = Controller(config=ControllerConfig(), codec=TextCodec(tok, 64),
+                            main_policy=ScriptedPolicy(tok, lambda t: "<answer>x</answer>"),
+                            main_protocol=PROTO.single(), tools=ToolSet(tools()))
+    with pytest.raises(ValueError, match="hop chains"):
+        failure_breakdown(_evaluator(controller), ["a plain question"])
