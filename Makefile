@@ -23,14 +23,14 @@ test: $(STAMP)
 bench-kernels: $(STAMP)
 	$(PY) bench/kernels.py
 
-# M-GRPO co-training of warm-started tiny agents (configs/repro/co_train.py) in $(DEMO_DIR). The warm start
+# M-GRPO co-training of warm-started tiny agents (configs/demo.py) in $(DEMO_DIR). The warm start
 # (supervised fine-tuning on generated demonstrations) runs first when $(REPRO_ROOT) does not have it yet; the
 # comparisons (`make repro`) reuse it.
 demo: $(STAMP)
 	test -f $(WARM_START) || $(PY) launch/warm_start.py --config configs/repro/warm_start.py:multi \
 		--workdir $(REPRO_ROOT)/warm_multi
 	rm -rf $(DEMO_DIR)
-	$(PY) launch/train.py --config configs/repro/co_train.py:$(REPRO_ROOT) --workdir $(DEMO_DIR)
+	$(PY) launch/train.py --config configs/demo.py:$(REPRO_ROOT) --workdir $(DEMO_DIR)
 
 # The paper's comparisons (configs/repro/): every setting x 3 seeds -> docs/results/. About 2 hours on 2 cores.
 repro: $(STAMP)

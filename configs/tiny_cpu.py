@@ -44,6 +44,7 @@ def get_config() -> ConfigDict:
         "search_top_k": 2, "snippet_chars": 120, "tool_timeout_s": 10.0,
         "shuffle": True, "on_bad_row": "error",  # error | skip
         "skip_train_questions": 0,  # RL leaves out the first N training questions (a warm start's, see repro/)
+        "max_train_questions": 0,  # then trains on the next N only (0: all of them)
     })
     c.tokenizer = ConfigDict({"path": "", "vocab_size": 1024})
     c.protocol = ConfigDict({"delegate": "delegate", "answer": "answer", "search": "search", "read": "read",

@@ -6,6 +6,7 @@ gets its own samplers (temperature 0), so training's samplers and their compiled
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -92,33 +93,36 @@ def _actions(traj: Trajectory, controller: Controller, protocol) -> list:
 
 
 def classify_episode(controller: Controller, rewards: RewardConfig, question, main: Trajectory,
-                     subs: Sequence[Trajectory]) -> str:
-    """Where a generated question's episode first went wrong (one of FAILURE_KINDS), from its token records and
-    the question's hop chain (`data.synthetic.Question`). `subs`: the episode's sub trajectories in call order."""
+                     subs: Sequence[Trajectory]) -> tuple[str, int | None]:
+    """Where a generated question's episode first went wrong: (one of FAILURE_KINDS, the hop's index or None),
+    from its token records and the question's hop chain (`data.synthetic.Question`). `subs`: the episode's sub
+    trajectories in call order."""
     if main.format_ok and rewards.correctness(main.final, question.answer) >= 1.0:
-        return "correct"
+        return "correct", None
     if controller.delegate_action is None:  # a single agent: it must read every hop's document itself
         read = controller.main_protocol.tool_actions[1]
         docs = {a.argument.strip() for a in _actions(main, controller, controller.main_protocol) if a.kind == read}
-        if any(hop.doc_id not in docs for hop in question.chain):
-            return "missed_document" if main.format_ok else "format"
-        return "wrong_answer" if main.format_ok else "format"
+        for i, hop in enumerate(question.chain):
+            if hop.doc_id not in docs:
+                return ("missed_document" if main.format_ok else "format"), i
+        return ("wrong_answer" if main.format_ok else "format"), None
     read = controller.sub_protocol.tool_actions[1]
     for i, hop in enumerate(question.chain):
         if i >= len(subs):
-            return "answered_early" if main.format_ok else "format"
+            return ("answered_early" if main.format_ok else "format"), i
         sub = subs[i]
         if hop.subject not in controller.codec.decode(sub.tokens[: sub.prompt_len]):
-            return "wrong_delegation"
+            return "wrong_delegation", i
         if not (sub.format_ok and rewards.correctness(sub.final or "", hop.answer) >= 1.0):
             docs = {a.argument.strip() for a in _actions(sub, controller, controller.sub_protocol) if a.kind == read}
-            return "wrong_fact" if hop.doc_id in docs else "missed_document"
-    return "wrong_answer" if main.format_ok else "format"
+            return ("wrong_fact" if hop.doc_id in docs else "missed_document"), i
+    return ("wrong_answer" if main.format_ok else "format"), None
 
 
 def failure_breakdown(evaluator: Evaluator, questions: Sequence[Any]) -> dict[str, float]:
     """Greedy episodes of generated questions (with hop chains), classified by `classify_episode`: the fraction
-    of questions of each of FAILURE_KINDS, as `failures/<kind>`."""
+    of questions of each of FAILURE_KINDS, as `failures/<kind>`, and of each kind at each hop, as
+    `failures/<kind>@hop<i>` (hops counted from 1; only pairs that occur)."""
     if not questions or not all(hasattr(q, "chain") for q in questions):
         raise ValueError("failure_breakdown needs generated questions with hop chains "
                          "(data.synthetic.read_questions_jsonl of a synthetic task's files)")
@@ -127,7 +131,11 @@ def failure_breakdown(evaluator: Evaluator, questions: Sequence[Any]) -> dict[st
     subs: dict[int, list[Trajectory]] = {}
     for t in batch.sub:
         subs.setdefault(t.query, []).append(t)
-    kinds = [classify_episode(controller, evaluator.rewards, q, batch.main[i], sorted(subs.get(i, []),
+    found = [classify_episode(controller, evaluator.rewards, q, batch.main[i], sorted(subs.get(i, []),
                                                                                        key=lambda t: t.call))
              for i, q in enumerate(questions)]
-    return {f"failures/{k}": kinds.count(k) / len(kinds) for k in FAILURE_KINDS}
+    kinds = [k for k, _ in found]
+    out = {f"failures/{k}": kinds.count(k) / len(kinds) for k in FAILURE_KINDS}
+    for (kind, hop), count in sorted(Counter(f for f in found if f[1] is not None).items()):
+        out[f"failures/{kind}@hop{hop + 1}"] = count / len(found)
+    return out

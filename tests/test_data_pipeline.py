@@ -105,6 +105,10 @@ def test_skip_first_leaves_out_the_leading_rows_in_file_order(tmp_path):
     for bad in (12, -1, 1.5):
         with pytest.raises(ValueError, match="skip_first"):
             QADataset(path, 1, skip_first=bad, process_index=0, process_count=1)
+    subset = make_qa_iterator(path, 3, num_epochs=2, process_index=0, process_count=1, skip_first=4, max_rows=3)
+    assert [sorted(ids(b)) for b in subset] == [["q4", "q5", "q6"]] * 2  # the same 3 rows, epoch after epoch
+    with pytest.raises(ValueError, match="max_rows"):
+        QADataset(path, 1, max_rows=-1, process_index=0, process_count=1)
 
 
 def test_uneven_rows_give_equal_shards(tmp_path):

@@ -224,12 +224,14 @@ class QADataset:
     paths: JSONL / Parquet files or glob patterns. batch_size: Q, queries per batch. seed: shuffle seed.
     num_epochs: an int >= 1, or None for forever. process_index / process_count: this process's shard
     (default: jax's). on_bad_row: "error" | "skip". skip_first: leave out the first N valid rows (in file order,
-    before sharding and shuffling), e.g. the training questions a warm start already demonstrated.
+    before sharding and shuffling), e.g. the training questions a warm start already demonstrated. max_rows:
+    then keep only the next N rows (0: all), e.g. a small fixed set to fit.
     """
 
     def __init__(self, paths, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, on_bad_row: str = "error", skip_first: int = 0):
+                 process_count: int | None = None, on_bad_row: str = "error", skip_first: int = 0,
+                 max_rows: int = 0):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
@@ -241,7 +243,9 @@ class QADataset:
         if not isinstance(skip_first, int) or not 0 <= skip_first < len(self.records):
             raise ValueError(f"skip_first={skip_first!r} must be an int in [0, {len(self.records)}): the files have "
                              f"{len(self.records)} valid rows")
-        self.records = self.records[skip_first:]
+        if not isinstance(max_rows, int) or max_rows < 0:
+            raise ValueError(f"max_rows={max_rows!r} must be an int >= 0 (0: every row)")
+        self.records = self.records[skip_first:skip_first + max_rows if max_rows else None]
         self._ids_hash: str | None = None
         if self.skipped:
             shown = "; ".join(str(s) for s in self.skipped[:_LOGGED_LOCATIONS])
@@ -330,12 +334,13 @@ class QAIterator:
 
 def make_qa_iterator(paths, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                      num_epochs: int | None = None, process_index: int | None = None,
-                     process_count: int | None = None, on_bad_row: str = "error", skip_first: int = 0) -> QAIterator:
+                     process_count: int | None = None, on_bad_row: str = "error", skip_first: int = 0,
+                     max_rows: int = 0) -> QAIterator:
     """`iter(QADataset(...))`: batches of `batch_size` records with `get_state()` / `set_state()`.
     The dataset (skip counts, sizes) is `iterator.dataset`."""
     return iter(QADataset(paths, batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                           process_index=process_index, process_count=process_count, on_bad_row=on_bad_row,
-                          skip_first=skip_first))
+                          skip_first=skip_first, max_rows=max_rows))
 
 
 def questions_and_golds(batch: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str | list[str]]]:

@@ -61,7 +61,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
     data = make_qa_iterator(exp.data.train_files, int(config.mgrpo.num_queries), seed=config.seed,
                             shuffle=bool(config.task.shuffle), num_epochs=None, process_index=0, process_count=1,
                             on_bad_row=config.task.on_bad_row,
-                            skip_first=int(config.task.get("skip_train_questions", 0)))
+                            skip_first=int(config.task.get("skip_train_questions", 0)),
+                            max_rows=int(config.task.get("max_train_questions", 0)))
     held_q, held_g = _held_out(exp, int(config.eval_questions) if evaluate else 0)
     evaluator = Evaluator(exp.controller, loop.config.rewards)
 
