@@ -6,7 +6,7 @@
 
 Settings are configs/repro/<setting>.py (configs/repro/common.py explains the design). Steps:
   1. the warm starts the settings need (launch/warm_start.py --config configs/repro/warm_start.py:<kind>), into
-     <root>/warm_<kind>/; a finished one (its warm_start/summary.json exists) is reused;
+     <root>/warm_<kind>/, `--jobs` at once; a finished one (its warm_start/summary.json exists) is reused;
   2. each setting and seed (launch/train.py --config configs/repro/<setting>.py:<root>), into
      <root>/<setting>/seed<N>/, with its output in log.txt there; a finished run is reused, an interrupted one
      resumes from its checkpoint;
@@ -65,7 +65,8 @@ def main(argv=None):
     parser.add_argument("--out", default="docs/results", help="where the table and curves go (default %(default)s)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of " + ", ".join(SETTINGS))
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated RL seeds (default %(default)s)")
-    parser.add_argument("--jobs", type=int, default=1, help="RL runs at once (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes at once: warm starts, then RL runs (default %(default)s)")
     parser.add_argument("--train_set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every RL run, e.g. total_steps=3 (repeatable)")
     parser.add_argument("--warm_start_set", action="append", default=[], metavar="KEY=VALUE",
@@ -88,8 +89,7 @@ def main(argv=None):
     failures = {}
 
     # -- 1. warm starts -------------------------------------------------------------------------------------
-    warm = {}
-    for kind in dict.fromkeys(WARM_START_OF[s] for s in settings):
+    def warm_start(kind):
         workdir = os.path.join(root, f"warm_{kind}")
         summary = os.path.join(workdir, "warm_start", "summary.json")
         seconds = None
@@ -99,13 +99,21 @@ def main(argv=None):
                                 f"--workdir={workdir}", *_parse_set(args.warm_start_set)],
                                os.path.join(workdir, "log.txt"))
             if not ok:
-                raise SystemExit(f"[repro] warm start {kind} failed; see {workdir}/log.txt:\n"
-                                 f"{_tail(os.path.join(workdir, 'log.txt'))}")
+                raise RuntimeError(f"warm start {kind} failed; see {workdir}/log.txt:\n"
+                                   f"{_tail(os.path.join(workdir, 'log.txt'))}")
         with open(summary, encoding="utf-8") as f:
-            warm[kind] = json.load(f)
-        acc = warm[kind]["final"].get("greedy/accuracy")
+            result = json.load(f)
+        acc = result["final"].get("greedy/accuracy")
         print(f"[repro] warm start {kind}: held-out accuracy {acc}"
               + (f" ({seconds / 60:.1f} min)" if seconds else " (reused)"), flush=True)
+        return result
+
+    kinds = list(dict.fromkeys(WARM_START_OF[s] for s in settings))
+    with ThreadPoolExecutor(args.jobs) as pool:  # every setting needs its warm start: stop at the first failure
+        try:
+            warm = dict(zip(kinds, pool.map(warm_start, kinds)))
+        except RuntimeError as e:
+            raise SystemExit(f"[repro] {e}") from None
 
     # -- 2. RL runs -----------------------------------------------------------------------------------------
     def run(setting, seed):

@@ -72,8 +72,8 @@ def _run(setting, seed, rewards, held_out, wall=None):
 
 
 def test_settings_rows_hold_mean_sample_std_and_range_over_seeds():
-    runs = [_run("a", 0, [0.0, 1.0], 0.2, 10.0), _run("a", 1, [0.5, 0.5], 0.4, 20.0), _run("a", 2, [1.0, 1.0], 0.9, 30.0),
-            _run("b", 0, [0.1] * 20 + [0.7] * 2, 0.3)]
+    runs = [_run("a", 0, [0.0, 1.0], 0.2, 10.0), _run("a", 1, [0.5, 0.5], 0.4, 20.0),
+            _run("a", 2, [1.0, 1.0], 0.9, 30.0), _run("b", 0, [0.1] * 20 + [0.7] * 2, 0.3)]
     rows = summarize_settings(runs, ["b", "a", "missing"])
     assert [r["setting"] for r in rows] == ["b", "a"]
     b, a = rows

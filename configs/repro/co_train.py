@@ -1,6 +1,7 @@
 """M-GRPO: main agent and sub-agent co-trained, each on its own advantages, with trajectory alignment.
 
-    python launch/train.py --config configs/repro/co_train.py:runs/repro --workdir runs/repro/co_train/seed0 --config.seed=0
+    python launch/train.py --config configs/repro/co_train.py:runs/repro \
+        --workdir runs/repro/co_train/seed0 --config.seed=0
 
 The argument is the repro root holding the warm starts (configs/repro/common.py); launch/repro.py runs every
 setting and seed.

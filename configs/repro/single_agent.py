@@ -1,6 +1,7 @@
 """Single-agent GRPO: one agent searches and reads itself (no sub-agent).
 
-    python launch/train.py --config configs/repro/single_agent.py:runs/repro --workdir runs/repro/single_agent/seed0 --config.seed=0
+    python launch/train.py --config configs/repro/single_agent.py:runs/repro \
+        --workdir runs/repro/single_agent/seed0 --config.seed=0
 
 The argument is the repro root holding the warm starts (configs/repro/common.py); launch/repro.py runs every
 setting and seed.
