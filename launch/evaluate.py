@@ -4,6 +4,7 @@
         [--num_questions 64] [--pass_k 4] [--failures] [--output /tmp/mgrpo_tiny/eval.json]
     python launch/evaluate.py --config configs/repro/co_train.py:runs/repro --workdir /tmp/warm_eval --initial \
         --failures --pass_k 0        # the warm-started agents the config starts from, no RL checkpoint
+    ... --split train --offset 900 --num_questions 128   # training questions (here: RL's, after the warm start's)
 
 `--failures` (generated tasks): where each greedy episode first went wrong, by the question's hop chain
 (mgrpo_jax.evaluation.FAILURE_DOC: format, answered early, wrong delegation, missed document, wrong fact,
@@ -33,7 +34,10 @@ from mgrpo_jax.train.run import configure_logging, load_trained  # noqa: E402
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-flags.DEFINE_integer("num_questions", 64, "Held-out questions to evaluate (the first N).")
+flags.DEFINE_integer("num_questions", 64, "Questions to evaluate (the first N after --offset).")
+flags.DEFINE_enum("split", "heldout", ["heldout", "train"], "Which questions: the run's eval files (held-out) or "
+                  "its training files (e.g. the RL questions after a warm start's, with --offset).")
+flags.DEFINE_integer("offset", 0, "Skip the first N questions of the split.")
 flags.DEFINE_integer("pass_k", 4, "k for sampled pass@k (0: greedy only).")
 flags.DEFINE_string("output", None, "JSON output path; default: <workdir>/eval_step<N>.json.")
 flags.DEFINE_bool("failures", False, "Also classify where each greedy episode first went wrong (generated tasks).")
@@ -50,14 +54,19 @@ def main(argv):
         exp, step = build_experiment(f.config, f.workdir), 0
     else:
         exp, step = load_trained(f.config, f.workdir, f.step)
-    if not exp.data.eval_files:
+    files = exp.data.eval_files if f.split == "heldout" else exp.data.train_files
+    if not files:
         raise app.UsageError("the config has no eval files (config.task.eval_files) to evaluate on")
-    rows, skipped = read_qa_rows(exp.data.eval_files, on_bad_row=f.config.task.on_bad_row)
-    questions, golds = questions_and_golds(rows[: f.num_questions])
+    rows, skipped = read_qa_rows(files, on_bad_row=f.config.task.on_bad_row)
+    chosen = slice(f.offset, f.offset + f.num_questions)
+    questions, golds = questions_and_golds(rows[chosen])
+    if not questions:
+        raise app.UsageError(f"--offset={f.offset} leaves no question: the {f.split} split has {len(rows)}")
     evaluator = Evaluator(exp.controller, exp.loop.config.rewards)
-    result = {"step": step, "skipped_rows": len(skipped), **evaluator.run(questions, golds, greedy=True)}
+    result = {"step": step, "split": f.split, "offset": f.offset, "skipped_rows": len(skipped),
+              **evaluator.run(questions, golds, greedy=True)}
     if f.failures:
-        chains = [q for path in exp.data.eval_files for q in read_questions_jsonl(path)][: f.num_questions]
+        chains = [q for path in files for q in read_questions_jsonl(path)][chosen]
         result.update(failure_breakdown(evaluator, chains))
     if f.pass_k > 0:
         result.update(evaluator.run(questions, golds, greedy=False, k=f.pass_k, rng=jax.random.key(f.config.seed)))
@@ -66,7 +75,8 @@ def main(argv):
         json.dump(result, out, indent=2)
     print(json.dumps(result, indent=2))
     if f.failures:
-        print("\n".join(f"{k:>28}  {FAILURE_DOC[k.split('/')[1]]}" for k in result if k.startswith("failures/")))
+        print("\n".join(f"{k:>28} {result[k]:6.3f}  {FAILURE_DOC[k.split('/')[1].split('@')[0]]}"
+                        for k in result if k.startswith("failures/")))
     print(f"written to {output}")
 
 

@@ -124,3 +124,28 @@ def test_failure_breakdown_needs_hop_chains():
                             main_protocol=PROTO.single(), tools=ToolSet(tools()))
     with pytest.raises(ValueError, match="hop chains"):
         failure_breakdown(_evaluator(controller), ["a plain question"])
+
+
+def test_evaluate_script_reports_failures_of_the_initial_weights_on_either_split(tmp_path):
+    """launch/evaluate.py --initial --failures, on held-out and on training questions (--split train --offset):
+    every question is classified exactly once, and the JSON says which questions were used."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for split, offset in (("heldout", 0), ("train", 5)):
+        out = tmp_path / f"{split}.json"
+        cmd = [sys.executable, "launch/evaluate.py", "--config=configs/tiny_cpu.py", f"--workdir={tmp_path / 'w'}",
+               "--initial", "--failures", "--pass_k=0", "--num_questions=6", f"--split={split}", f"--offset={offset}",
+               f"--output={out}"]
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        result = json.loads(out.read_text())
+        assert (result["split"], result["offset"], result["greedy/num_questions"]) == (split, offset, 6)
+        kinds = {k: v for k, v in result.items() if k.startswith("failures/") and "@" not in k}
+        assert set(kinds) == {f"failures/{k}" for k in FAILURE_KINDS} and sum(kinds.values()) == pytest.approx(1.0)
+        assert kinds["failures/correct"] == pytest.approx(result["greedy/accuracy"])
+        assert "wrong_delegation" in done.stdout  # the legend printed with the figures
