@@ -10,7 +10,9 @@ Settings are configs/repro/<setting>.py (configs/repro/common.py explains the de
   2. each setting and seed (launch/train.py --config configs/repro/<setting>.py:<root>), into
      <root>/<setting>/seed<N>/, with its output in log.txt there; a finished run is reused, an interrupted one
      resumes from its checkpoint;
-  3. the table, the curves and results.json in --out (mgrpo_jax/comparison.py).
+  3. where greedy held-out episodes fail, for each warm start and each run (launch/evaluate.py --failures,
+     into failures.json beside them; reused when present);
+  4. the tables, the curves and results.json in --out (mgrpo_jax/comparison.py).
 Each run is its own process (`--jobs` at once). A failed run is reported with its log and left out of the table
 (the table's "Runs that did not finish" lists it), and the command exits 1.
 """
@@ -25,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from configs.repro.common import DEFAULT_ROOT, TOTAL_STEPS, WARM_START_OF  # noqa: E402
+from configs.repro.common import DEFAULT_ROOT, WARM_START_OF, rl_config  # noqa: E402
 from mgrpo_jax.comparison import summarize_run, write_results  # noqa: E402
 
 SETTINGS = ("single_agent", "main_only", "co_train", "co_train_no_alignment", "shared_model")
@@ -38,6 +40,14 @@ def _parse_set(pairs):
             raise SystemExit(f"--*_set takes KEY=VALUE (a config key without 'config.'), got {pair!r}")
         out.append(f"--config.{pair}")
     return out
+
+
+def _override(pairs, key, default):
+    """The value of `key` among --train_set KEY=VALUE pairs (the last one wins), else `default`."""
+    for pair in pairs:
+        if pair.startswith(f"{key}="):
+            default = type(default)(pair.split("=", 1)[1])
+    return default
 
 
 def _run(cmd, log_path):
@@ -81,10 +91,9 @@ def main(argv=None):
         raise SystemExit("--settings and --seeds must name at least one each, and --jobs must be >= 1")
     root = os.path.abspath(args.root)
     python = sys.executable
-    total_steps = TOTAL_STEPS
-    for pair in args.train_set:
-        if pair.startswith("total_steps="):
-            total_steps = int(pair.split("=", 1)[1])
+    defaults = rl_config(settings[0], root)
+    total_steps = _override(args.train_set, "total_steps", int(defaults.total_steps))
+    eval_questions = _override(args.train_set, "eval_questions", int(defaults.eval_questions))
     started = time.perf_counter()
     failures = {}
 
@@ -115,7 +124,37 @@ def main(argv=None):
         except RuntimeError as e:
             raise SystemExit(f"[repro] {e}") from None
 
+    def failure_analysis(setting, workdir, output, initial):
+        """Where greedy held-out episodes fail (launch/evaluate.py --failures) -> output; reused when present."""
+        if not os.path.exists(output):
+            cmd = [python, "launch/evaluate.py", f"--config=configs/repro/{setting}.py:{root}", f"--workdir={workdir}",
+                   "--failures", "--pass_k=0", f"--num_questions={eval_questions}", f"--output={output}",
+                   *_parse_set(args.train_set)]
+            ok, _ = _run(cmd + (["--initial"] if initial else []), os.path.join(workdir, "log.txt"))
+            if not ok:
+                raise RuntimeError(f"the failure analysis exited with an error; see {workdir}/log.txt")
+        with open(output, encoding="utf-8") as f:
+            return json.load(f)
+
+    # Where the warm-started agents fail, once per kind (with the first setting of that kind's config).
+    start_failures = {}
+    for kind in kinds:
+        setting = next(s for s in settings if WARM_START_OF[s] == kind)
+        workdir = os.path.join(root, f"warm_{kind}", "eval")
+        result = failure_analysis(setting, workdir, os.path.join(workdir, "failures.json"), initial=True)
+        for s in settings:
+            if WARM_START_OF[s] == kind:
+                start_failures[s] = {k: v for k, v in result.items() if k.startswith("failures/")}
+
     # -- 2. RL runs -----------------------------------------------------------------------------------------
+    def analysed(summary, workdir):
+        result = failure_analysis(summary.setting, workdir, os.path.join(workdir, "failures.json"), initial=False)
+        summary.failures = {k: v for k, v in result.items() if k.startswith("failures/")}
+        if abs(result["greedy/accuracy"] - summary.held_out_accuracy) > 1e-9:  # greedy decoding: must agree
+            print(f"[repro] WARNING {workdir}: the failure analysis' greedy accuracy {result['greedy/accuracy']} "
+                  f"differs from the run's final evaluation {summary.held_out_accuracy}", flush=True)
+        return summary
+
     def run(setting, seed):
         workdir = os.path.join(root, setting, f"seed{seed}")
         timing = os.path.join(workdir, "wall_s.json")
@@ -123,7 +162,7 @@ def main(argv=None):
             summary = summarize_run(workdir, setting, seed, total_steps=total_steps)
             with open(timing, encoding="utf-8") as f:
                 summary.wall_s = json.load(f)["wall_s"]
-            return summary, "reused"
+            return analysed(summary, workdir), "reused"
         except (OSError, ValueError, KeyError):
             pass
         ok, seconds = _run([python, "launch/train.py", f"--config=configs/repro/{setting}.py:{root}",
@@ -133,7 +172,8 @@ def main(argv=None):
             raise RuntimeError(f"exited with an error; see {workdir}/log.txt")
         with open(timing, "w", encoding="utf-8") as f:
             json.dump({"wall_s": seconds}, f)
-        return summarize_run(workdir, setting, seed, total_steps=total_steps, wall_s=seconds), f"{seconds / 60:.1f} min"
+        summary = summarize_run(workdir, setting, seed, total_steps=total_steps, wall_s=seconds)
+        return analysed(summary, workdir), f"{seconds / 60:.1f} min"
 
     runs = []
     jobs = [(setting, seed) for seed in seeds for setting in settings]  # seed-major: every setting early
@@ -165,7 +205,7 @@ def main(argv=None):
             "machine": f"{os.cpu_count()} CPU cores",
             "date": time.strftime("%Y-%m-%d")}
     paths = write_results(args.out, runs, settings=settings, start_accuracy=start_accuracy, meta=meta,
-                          failures=failures)
+                          failures=failures, start_failures=start_failures)
     print(f"[repro] wrote {', '.join(paths.values())} in {wall / 60:.1f} min", flush=True)
     if failures:
         sys.exit(1)

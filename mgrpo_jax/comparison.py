@@ -43,6 +43,7 @@ class RunSummary:
     held_out_format_error: float
     wall_s: float | None = None
     diagnostics: dict[str, float] = dataclasses.field(default_factory=dict)  # DIAGNOSTIC_KEYS' means over steps
+    failures: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluation.failure_breakdown at the end
 
     @property
     def steps(self) -> int:
@@ -132,6 +133,8 @@ def summarize_settings(runs: Sequence[RunSummary], settings: Sequence[str] | Non
             "wall_s": _spread([r.wall_s for r in group]) if all(r.wall_s is not None for r in group) else None,
             "diagnostics": {k: float(np.mean([r.diagnostics[k] for r in group])) for k in DIAGNOSTIC_KEYS
                             if all(k in r.diagnostics for r in group)},
+            "failures": {k: float(np.mean([r.failures[k] for r in group])) for k in group[0].failures
+                         if all(k in r.failures for r in group)},
         })
     return rows
 
@@ -164,6 +167,24 @@ def diagnostics_table(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         cells = [f"{r['diagnostics'][k]:.3f}" if k in r["diagnostics"] else "-" for k in keys]
         lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def failures_table(rows: Sequence[Mapping[str, Any]], start: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """Where held-out episodes fail (evaluation.failure_breakdown kinds, in %): per setting the warm start's
+    and the mean over seeds at the end. Hop-level keys (`kind@hopN`) stay in results.json."""
+    start = start or {}
+    keys = list(dict.fromkeys(k for r in rows for k in r["failures"] if "@" not in k))
+    keys += [k for k in dict.fromkeys(k for f in start.values() for k in f if "@" not in k) if k not in keys]
+    if not keys:
+        return ""
+    names = [k.split("/", 1)[1] for k in keys]
+    lines = ["| setting | when | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        for when, values in (("start", start.get(r["setting"])), ("end", r["failures"])):
+            if values:
+                cells = [f"{100 * values[k]:.1f}" if k in values else "-" for k in keys]
+                lines.append(f"| {r['setting']} | {when} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -221,7 +242,8 @@ def plot_curves(path: str, runs: Sequence[RunSummary], settings: Sequence[str] |
 
 def write_results(out_dir: str, runs: Sequence[RunSummary], *, settings: Sequence[str] | None = None,
                   start_accuracy: Mapping[str, float] | None = None, meta: Mapping[str, Any] | None = None,
-                  failures: Mapping[str, str] | None = None) -> dict[str, str]:
+                  failures: Mapping[str, str] | None = None,
+                  start_failures: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, str]:
     """Writes out_dir/results.json (every run's curves and the per-setting rows), results.md (the table, the
     definitions and `meta`) and reward_curves.png. Returns {kind: path}."""
     if not runs:
@@ -232,11 +254,13 @@ def write_results(out_dir: str, runs: Sequence[RunSummary], *, settings: Sequenc
     paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),
              "plot": os.path.join(out_dir, "reward_curves.png")}
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "start_accuracy": dict(start_accuracy or {}), "settings": rows,
+        json.dump({"meta": meta, "start_accuracy": dict(start_accuracy or {}),
+                   "start_failures": {k: dict(v) for k, v in (start_failures or {}).items()}, "settings": rows,
                    "failures": dict(failures or {}),
                    "runs": [{"setting": r.setting, "seed": r.seed, "held_out_accuracy": r.held_out_accuracy,
                              "held_out_format_error": r.held_out_format_error, "reward_auc": r.reward_auc,
-                             "wall_s": r.wall_s, "diagnostics": r.diagnostics, "reward": r.reward.tolist(),
+                             "wall_s": r.wall_s, "diagnostics": r.diagnostics, "failures": r.failures,
+                             "reward": r.reward.tolist(),
                              "train_accuracy": r.train_accuracy.tolist()} for r in runs]}, f, indent=1)
     plot_curves(paths["plot"], runs, settings, start_accuracy)
     lines = ["# Results", "", markdown_table(rows, start_accuracy), "",
@@ -249,6 +273,14 @@ def write_results(out_dir: str, runs: Sequence[RunSummary], *, settings: Sequenc
              "*zero_variance_frac*: the fraction of groups whose rewards are all equal (no learning signal). "
              "*align/**: sub-agent slots per step that alignment kept as duplicates, borrowed from sibling "
              "rollouts, left masked, or dropped.", ""]
+    table = failures_table(rows, start_failures)
+    if table:
+        lines += ["## Where held-out episodes fail (% of questions, greedy)", "", table, "",
+                  "The first thing that went wrong in each episode, by the question's hop chain "
+                  "(`launch/evaluate.py --failures`; mgrpo_jax.evaluation.FAILURE_DOC): *wrong_delegation*, a "
+                  "delegated sub-question that does not name the hop's subject; *missed_document*, the hop's "
+                  "document never read; *wrong_fact*, read but a wrong fact reported; *format*, a malformed "
+                  "episode or a limit. *start*: the warm-started agents; *end*: mean over seeds.", ""]
     if failures:
         lines += ["## Runs that did not finish", ""] + [f"- {k}: {v}" for k, v in failures.items()] + [""]
     if meta:

@@ -68,7 +68,8 @@ def test_unfinished_or_damaged_runs_are_errors_that_name_the_file(tmp_path):
 
 def _run(setting, seed, rewards, held_out, wall=None):
     return RunSummary(setting, seed, np.asarray(rewards, float), np.zeros(len(rewards)), held_out, 0.1, wall,
-                      {"main/zero_variance_frac": 0.25})
+                      {"main/zero_variance_frac": 0.25},
+                      {"failures/correct": held_out, "failures/format": 1 - held_out, "failures/format@hop1": 0.1})
 
 
 def test_settings_rows_hold_mean_sample_std_and_range_over_seeds():
@@ -100,7 +101,8 @@ def test_write_results_writes_the_table_the_curves_and_every_run(tmp_path):
     runs = [_run(s, seed, np.linspace(0.1, 0.2 + 0.1 * seed, 12), 0.1 * (seed + 1), 5.0)
             for s in ("co_train", "main_only") for seed in (0, 1)]
     paths = write_results(str(tmp_path / "out"), runs, start_accuracy={"co_train": 0.1, "main_only": 0.1},
-                          meta={"command": "python launch/repro.py"}, failures={"shared_model seed 0": "log.txt"})
+                          meta={"command": "python launch/repro.py"}, failures={"shared_model seed 0": "log.txt"},
+                          start_failures={"co_train": {"failures/correct": 0.1, "failures/format": 0.9}})
     with open(paths["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(paths["plot"]) > 10_000
@@ -113,6 +115,11 @@ def test_write_results_writes_the_table_the_curves_and_every_run(tmp_path):
     assert "| co_train | 2 | 10.0 | 15.0 ± 7.1 [10.0, 20.0] |" in text
     assert "shared_model seed 0: log.txt" in text and "python launch/repro.py" in text
     assert "| setting | main/zero_variance_frac |" in text and "| co_train | 0.250 |" in text
+    # Failures: the warm start's row, then the end (mean over seeds: correct 0.1 and 0.2); hop keys only in JSON.
+    assert "| setting | when | correct | format |" in text
+    assert "| co_train | start | 10.0 | 90.0 |" in text and "| co_train | end | 15.0 | 85.0 |" in text
+    assert "| main_only | end | 15.0 | 85.0 |" in text and "| main_only | start |" not in text
+    assert data["runs"][0]["failures"]["failures/format@hop1"] == 0.1 and "@hop" not in text
     with pytest.raises(ValueError, match="no finished runs"):
         write_results(str(tmp_path / "empty"), [])
 
@@ -137,7 +144,10 @@ def test_repro_command_end_to_end_on_a_tiny_budget(tmp_path):
         data = json.load(f)
     assert sorted((r["setting"], r["seed"], len(r["reward"])) for r in data["runs"]) == \
         [("co_train", 0, 2), ("single_agent", 0, 2)]
+    for r in data["runs"]:  # the failure analysis re-ran the final greedy evaluation: the same episodes
+        assert r["failures"]["failures/correct"] == pytest.approx(r["held_out_accuracy"])
+    assert set(data["start_failures"]) == {"co_train", "single_agent"}
     assert os.path.getsize(os.path.join(out, "reward_curves.png")) > 0
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("(reused)") == 4, \
+    assert again.returncode == 0 and again.stdout.count("(reused)") == 4 and "WARNING" not in again.stdout, \
         again.stdout
