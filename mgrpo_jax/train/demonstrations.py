@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -263,33 +263,22 @@ def make_demonstrations(controller: Controller, questions: Sequence[Question], *
                      max_prompt_tokens=getattr(c.sub_policy, "max_prompt_tokens", None))
     teacher = Controller(config=c.config, codec=codec, main_policy=main, main_protocol=c.main_protocol, tools=c.tools,
                          sub_policy=sub, sub_protocol=c.sub_protocol, delegate_action=c.delegate_action)
-    kept_main, kept_sub, dropped, stats = [], [], Counter(), Counter()
-    for lo in range(0, len(questions), chunk_size):
-        chunk = list(questions[lo:lo + chunk_size])
-        batch = teacher.run([q.question for q in chunk], 1, jax.random.key(0))
-        _add_counts(stats, batch.stats)
-        for traj in batch.main:
-            q = chunk[traj.query]
-            names = {h.question: h.subject for h in q.chain}
-            why = check_demonstration(traj, codec, c.main_protocol, q.question, q.answer,
-                                      delegate=c.delegate_action, grounding=names)
-            traj.query += lo
-            if why is None:
-                kept_main.append(traj)
-            else:
-                dropped[f"main/{why}"] += 1
-        for traj in batch.sub:
-            hop = chunk[traj.query].chain[traj.call] if traj.call < chunk[traj.query].hops else None
-            why = "extra_call" if hop is None else check_demonstration(traj, codec, c.sub_protocol, hop.question,
-                                                                         hop.answer)
-            traj.query += lo
-            if why is None:
-                kept_sub.append(traj)
-            else:
-                dropped[f"sub/{why}"] += 1
-    stats.update(questions=len(questions), main_kept=len(kept_main), sub_kept=len(kept_sub),
+
+    def check_main(traj, q):
+        return check_demonstration(traj, codec, c.main_protocol, q.question, q.answer, delegate=c.delegate_action,
+                                   grounding={h.question: h.subject for h in q.chain})
+
+    def check_sub(traj, q):
+        if traj.call >= q.hops:
+            return "extra_call"
+        hop = q.chain[traj.call]
+        return check_demonstration(traj, codec, c.sub_protocol, hop.question, hop.answer)
+
+    kept, dropped, stats = _run_checked(teacher, questions, chunk_size,
+                                        {"main": ("main", check_main), "sub": ("sub", check_sub)})
+    stats.update(questions=len(questions), main_kept=len(kept["main"]), sub_kept=len(kept["sub"]),
                  hops=len(hops))
-    return Demonstrations(kept_main, kept_sub, dropped, dict(stats))
+    return Demonstrations(kept["main"], kept["sub"], dropped, dict(stats))
 
 
 def _single_agent_demonstrations(c: Controller, questions: Sequence[Question], chunk_size: int) -> Demonstrations:
@@ -299,24 +288,34 @@ def _single_agent_demonstrations(c: Controller, questions: Sequence[Question], c
                            max_new_tokens=getattr(c.main_policy, "max_new_tokens", None),
                            max_prompt_tokens=getattr(c.main_policy, "max_prompt_tokens", None))
     teacher = Controller(config=c.config, codec=codec, main_policy=single, main_protocol=protocol, tools=c.tools)
-    kept, dropped, stats = [], Counter(), Counter()
+    def check(traj, q):
+        return check_demonstration(traj, codec, protocol, q.question, q.answer)
+
+    kept, dropped, stats = _run_checked(teacher, questions, chunk_size, {"main": ("single", check)})
+    stats.update(questions=len(questions), main_kept=len(kept["main"]), sub_kept=0)
+    return Demonstrations(kept["main"], [], dropped, dict(stats))
+
+
+def _run_checked(teacher: Controller, questions: Sequence[Question], chunk_size: int,
+                 checks: Mapping[str, tuple[str, Callable]]) -> tuple[dict[str, list[Trajectory]], Counter, Counter]:
+    """Runs the teacher controller over `questions`, `chunk_size` at a time (one rollout each), and checks every
+    trajectory: `checks` maps a RolloutBatch field ("main" / "sub") to (label, check(traj, question) -> None or
+    the reason it is not a good demonstration). Returns the kept trajectories per field (query ids made global),
+    the dropped ones counted as "<label>/<reason>", and the summed numeric rollout statistics."""
+    kept = {field: [] for field in checks}
+    dropped, stats = Counter(), Counter()
     for lo in range(0, len(questions), chunk_size):
         chunk = list(questions[lo:lo + chunk_size])
         batch = teacher.run([q.question for q in chunk], 1, jax.random.key(0))
-        _add_counts(stats, batch.stats)
-        for traj in batch.main:
-            q = chunk[traj.query]
-            why = check_demonstration(traj, codec, protocol, q.question, q.answer)
-            traj.query += lo
-            if why is None:
-                kept.append(traj)
-            else:
-                dropped[f"single/{why}"] += 1
-    stats.update(questions=len(questions), main_kept=len(kept), sub_kept=0)
-    return Demonstrations(kept, [], dropped, dict(stats))
-
-
-def _add_counts(total: Counter, batch_stats: Mapping) -> None:
-    for key, value in batch_stats.items():
-        if isinstance(value, (int, float)) and "/" in key:
-            total[key] += value
+        for key, value in batch.stats.items():
+            if isinstance(value, (int, float)) and "/" in key:
+                stats[key] += value
+        for field, (label, check) in checks.items():
+            for traj in getattr(batch, field):
+                why = check(traj, chunk[traj.query])
+                traj.query += lo
+                if why is None:
+                    kept[field].append(traj)
+                else:
+                    dropped[f"{label}/{why}"] += 1
+    return kept, dropped, stats
