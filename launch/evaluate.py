@@ -27,7 +27,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from mgrpo_jax.data.pipeline import questions_and_golds, read_qa_rows  # noqa: E402
 from mgrpo_jax.data.synthetic import read_questions_jsonl  # noqa: E402
-from mgrpo_jax.evaluation import FAILURE_DOC, Evaluator, failure_breakdown  # noqa: E402
+from mgrpo_jax.evaluation import FAILURE_DOC, Evaluator  # noqa: E402
 from mgrpo_jax.experiment import build_experiment  # noqa: E402
 from mgrpo_jax.train.run import configure_logging, load_trained  # noqa: E402
 
@@ -62,12 +62,13 @@ def main(argv):
     questions, golds = questions_and_golds(rows[chosen])
     if not questions:
         raise app.UsageError(f"--offset={f.offset} leaves no question: the {f.split} split has {len(rows)}")
+    chains = [q for path in files for q in read_questions_jsonl(path)][chosen] if f.failures else None
+    if chains is not None and [q.question for q in chains] != questions:
+        raise app.UsageError("--failures needs the split's rows in their file order (no skipped bad rows)")
     evaluator = Evaluator(exp.controller, exp.loop.config.rewards)
+    # One set of greedy episodes gives both the accuracy and, with --failures, where each episode failed.
     result = {"step": step, "split": f.split, "offset": f.offset, "skipped_rows": len(skipped),
-              **evaluator.run(questions, golds, greedy=True)}
-    if f.failures:
-        chains = [q for path in files for q in read_questions_jsonl(path)][chosen]
-        result.update(failure_breakdown(evaluator, chains))
+              **evaluator.run(questions, golds, greedy=True, chains=chains)}
     if f.pass_k > 0:
         result.update(evaluator.run(questions, golds, greedy=False, k=f.pass_k, rng=jax.random.key(f.config.seed)))
     output = f.output or os.path.join(f.workdir, f"eval_step{step}.json")

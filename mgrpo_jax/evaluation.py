@@ -49,16 +49,22 @@ class Evaluator:
                           tools=c.tools, sub_policy=sub, sub_protocol=c.sub_protocol, delegate_action=c.delegate_action)
 
     def run(self, questions: Sequence[str], golds: Sequence[Any], *, greedy: bool = True, k: int = 1,
-            rng: jax.Array | None = None) -> dict[str, float]:
+            rng: jax.Array | None = None, chains: Sequence[Any] | None = None) -> dict[str, float]:
+        """Accuracy, format errors and rewards of `questions`; with `chains` (the same questions as generated
+        `data.synthetic.Question`s, greedy only), also where the same episodes failed (`classify_batch`)."""
         if greedy and k != 1:
             raise ValueError("greedy evaluation is deterministic: use k=1 (pass@k needs greedy=False)")
+        if chains is not None and (not greedy or [getattr(q, "question", q) for q in chains] != list(questions)):
+            raise ValueError("chains must be the evaluated questions themselves (generated questions with hop "
+                             "chains, in the same order), and the evaluation greedy")
         rng = jax.random.key(0) if rng is None else rng
-        batch = self._controller(greedy).run(list(questions), k, rng)
+        controller = self._controller(greedy)
+        batch = controller.run(list(questions), k, rng)
         main_r, _, parts = compute_rewards(batch, list(golds), k, self.rewards)
         correct = np.array([[batch.main[q * k + j].format_ok and _score(self.rewards, batch.main[q * k + j], golds[q])
                              for j in range(k)] for q in range(len(questions))], bool)
         prefix = "greedy" if greedy else f"pass@{k}"
-        return {
+        out = {
             f"{prefix}/accuracy": float(correct.any(axis=1).mean()),
             f"{prefix}/mean_accuracy": float(correct.mean()),
             f"{prefix}/format_error_rate": float(np.mean([not t.format_ok for t in batch.main])),
@@ -66,6 +72,9 @@ class Evaluator:
             f"{prefix}/delegations_per_rollout": float(batch.sub_counts.mean()),
             f"{prefix}/num_questions": float(len(questions)),
         }
+        if chains is not None:
+            out.update(classify_batch(controller, self.rewards, chains, batch))
+        return out
 
 
 def _score(rewards: RewardConfig, traj, gold) -> bool:
@@ -120,19 +129,28 @@ def classify_episode(controller: Controller, rewards: RewardConfig, question, ma
 
 
 def failure_breakdown(evaluator: Evaluator, questions: Sequence[Any]) -> dict[str, float]:
-    """Greedy episodes of generated questions (with hop chains), classified by `classify_episode`: the fraction
-    of questions of each of FAILURE_KINDS, as `failures/<kind>`, and of each kind at each hop, as
-    `failures/<kind>@hop<i>` (hops counted from 1; only pairs that occur)."""
+    """Greedy episodes of generated questions (with hop chains), classified (`classify_batch`); only the
+    `failures/...` keys. `Evaluator.run(..., chains=questions)` gives them with the accuracy of the same episodes."""
+    _check_chains(questions)
+    result = evaluator.run([q.question for q in questions], [q.answer for q in questions], chains=questions)
+    return {k: v for k, v in result.items() if k.startswith("failures/")}
+
+
+def _check_chains(questions: Sequence[Any]) -> None:
     if not questions or not all(hasattr(q, "chain") for q in questions):
         raise ValueError("failure_breakdown needs generated questions with hop chains "
                          "(data.synthetic.read_questions_jsonl of a synthetic task's files)")
-    controller = evaluator._controller(greedy=True)
-    batch = controller.run([q.question for q in questions], 1, jax.random.key(0))
+
+
+def classify_batch(controller: Controller, rewards: RewardConfig, questions: Sequence[Any], batch) -> dict[str, float]:
+    """One rollout per question of `batch` (a RolloutBatch of `questions`), classified by `classify_episode`: the
+    fraction of questions of each of FAILURE_KINDS, as `failures/<kind>`, and of each kind at each hop, as
+    `failures/<kind>@hop<i>` (hops counted from 1; only pairs that occur)."""
+    _check_chains(questions)
     subs: dict[int, list[Trajectory]] = {}
     for t in batch.sub:
         subs.setdefault(t.query, []).append(t)
-    found = [classify_episode(controller, evaluator.rewards, q, batch.main[i], sorted(subs.get(i, []),
-                                                                                       key=lambda t: t.call))
+    found = [classify_episode(controller, rewards, q, batch.main[i], sorted(subs.get(i, []), key=lambda t: t.call))
              for i, q in enumerate(questions)]
     kinds = [k for k, _ in found]
     out = {f"failures/{k}": kinds.count(k) / len(kinds) for k in FAILURE_KINDS}
