@@ -60,12 +60,12 @@ def main(argv):
 def reward_trend(path: str) -> str:
     """'training reward (main agent): first N steps a -> last N steps b' over the whole run, or '' when the run
     has too few steps to compare."""
-    from mgrpo_jax.comparison import REWARD_KEY, read_metrics
+    from mgrpo_jax.comparison import REWARD_KEY, read_metrics, training_steps
 
     if not os.path.exists(path):
         return ""
-    per_step = {int(e["step"]): e[REWARD_KEY] for e in read_metrics(path) if REWARD_KEY in e}
-    rewards = [per_step[s] for s in sorted(per_step)]
+    per_step = training_steps(read_metrics(path))
+    rewards = [per_step[s][REWARD_KEY] for s in sorted(per_step)]
     n = min(10, len(rewards) // 2)
     if n < 1:
         return ""

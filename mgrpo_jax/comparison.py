@@ -76,6 +76,11 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     return entries
 
 
+def training_steps(entries: Sequence[Mapping[str, Any]]) -> dict[int, Mapping[str, Any]]:
+    """Step -> the last logged training entry of that step (a resumed run may log a step twice)."""
+    return {int(e["step"]): e for e in entries if REWARD_KEY in e}
+
+
 def summarize_run(workdir: str, setting: str, seed: int, *, total_steps: int | None = None,
                   wall_s: float | None = None) -> RunSummary:
     """One run's curves and final held-out evaluation from workdir/metrics.jsonl.
@@ -86,13 +91,9 @@ def summarize_run(workdir: str, setting: str, seed: int, *, total_steps: int | N
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: the run of {setting} seed {seed} has not started")
-    train: dict[int, dict[str, Any]] = {}
-    final: dict[str, Any] | None = None
-    for entry in read_metrics(path):
-        if REWARD_KEY in entry:
-            train[int(entry["step"])] = entry
-        if HELD_OUT_KEY in entry:
-            final = entry
+    entries = read_metrics(path)
+    train = training_steps(entries)
+    final = next((e for e in reversed(entries) if HELD_OUT_KEY in e), None)
     steps = sorted(train)
     expected = list(range(1, (total_steps or (steps[-1] if steps else 0)) + 1))
     if not steps or steps != expected:
