@@ -121,10 +121,10 @@ def test_params_and_optimizer_state_live_only_on_their_agents_devices(meshes):
                 assert m.sharding == p.sharding and m.shape == p.shape
                 np.testing.assert_array_equal(np.asarray(m), 0.0)
     _, params, opt_state, _, _ = built["main"]
-    q = params["layers"][0]["attn"]["q_kernel"].get_value()
-    mu_q = _adam_state(opt_state).mu["layers"][0]["attn"]["q_kernel"].get_value()
-    assert q.sharding.spec == mu_q.sharding.spec == P("fsdp", "tp", None)
-    assert mu_q.addressable_shards[0].data.shape == (16, 2, 8)  # [32/fsdp, 4/tp, 8]
+    q = params["layers"]["attn"]["q_kernel"].get_value()
+    mu_q = _adam_state(opt_state).mu["layers"]["attn"]["q_kernel"].get_value()
+    assert q.sharding.spec == mu_q.sharding.spec == P(None, "fsdp", "tp", None)
+    assert mu_q.addressable_shards[0].data.shape[1:] == (16, 2, 8)  # [layers, 32/fsdp, 4/tp, 8]
 
 
 def test_both_agents_update_back_to_back_and_match_a_single_device_step(meshes):
