@@ -1,7 +1,7 @@
 """Forward+backward throughput of a small Qwen3-like decoder: one device vs sharded, XLA FLOPs per token, MFU.
 
     python bench/model.py [--cpu-devices 8] [--tp 2] [--batch 8] [--seq 256] [--repeats 5]
-                          [--dtype float32|bfloat16] [--peak-tflops 989]
+                          [--dtype float32|bfloat16] [--remat none|full|dots|...] [--peak-tflops 989]
 
 The step is `jax.value_and_grad` of the mean token cross-entropy (full logits, no optimizer), jitted:
 - "1 device": parameters and batch on `jax.devices()[0]`;
@@ -31,6 +31,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="parameter and compute dtype")
+    parser.add_argument("--remat", default="none", help="remat policy of the scanned layers (REMAT_POLICIES)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one device, for MFU")
     return parser.parse_args()
 
@@ -55,11 +56,11 @@ from mgrpo_jax.kernels import token_logprobs  # noqa: E402
 from mgrpo_jax.models import ModelConfig, init_model, positions_from_mask  # noqa: E402
 
 
-def bench_config(dtype: str) -> ModelConfig:
+def bench_config(dtype: str, remat: str = "none") -> ModelConfig:
     """Qwen3-like: hidden 256, 4 layers, 8 heads / 4 kv heads of 32, SwiGLU 768, vocab 8192, q/k norm."""
     return ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
                        num_kv_heads=4, head_dim=32, qk_norm=True, architecture="qwen3", param_dtype=dtype,
-                       dtype=dtype)
+                       dtype=dtype, remat=remat)
 
 
 def analytic_flops_per_token(c: ModelConfig, seq: int) -> float:
@@ -134,14 +135,15 @@ def run(name: str, devices: list, tp: int, c: ModelConfig, host_batch, args) -> 
 
 def main() -> None:
     args = ARGS
-    c = bench_config(args.dtype)
+    c = bench_config(args.dtype, args.remat)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: init_model(c)))))
     devices = jax.devices()
     print(f"jax {jax.__version__} on {devices[0].platform} ({devices[0].device_kind}), {len(devices)} devices, "
           f"{os.cpu_count()} host cores; {args.dtype}")
     print(f"model: hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads} heads / {c.num_kv_heads} kv heads "
           f"x {c.head_dim}, mlp {c.intermediate_size}, vocab {c.vocab_size}: {n_params / 1e6:.2f} M params; "
-          f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens per step")
+          f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens per step; remat {c.remat}, "
+          f"attention {c.attention}")
     print(f"analytic forward+backward: {analytic_flops_per_token(c, args.seq) / 1e6:.2f} MFLOP/token "
           "(6 x matmul params + attention)")
     host_batch = make_batch(c, args.batch, args.seq)

@@ -28,7 +28,8 @@ from mgrpo_jax.train.mgrpo import MGRPOConfig, MGRPOTrainer
 
 TASK_KINDS = ("synthetic", "files")
 MODEL_KEYS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-              "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "param_dtype", "dtype", "remat")
+              "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "param_dtype", "dtype", "remat",
+              "attention")
 
 
 def to_dict(value: Any) -> Any:
@@ -99,7 +100,8 @@ def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
     if checkpoint:
         model_cfg = hf.load_config(checkpoint, param_dtype=agent_cfg.model.get("param_dtype", "float32"),
                                    dtype=agent_cfg.model.get("dtype", "float32"),
-                                   remat=agent_cfg.model.get("remat", False))
+                                   remat=agent_cfg.model.get("remat", False),
+                                   attention=agent_cfg.model.get("attention", "dense"))
         hf.check_tokenizer(tokenizer, model_cfg, where=f"{where} tokenizer")
         shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(lambda: init_model(model_cfg))), mesh)
         graphdef, params = hf.load_params(checkpoint, model_cfg, shardings=shardings)
