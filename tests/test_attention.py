@@ -192,9 +192,10 @@ def test_chunked_equals_dense_arbitrary_slots(data):
     b, t, s, hq, hkv, d = 3, 23, 23, 4, 2, 8
     q_seg = data.draw(segment_rows(b, t, max_id=2))
     kv_seg = data.draw(segment_rows(b, s, max_id=2))
-    q_slots = np.array(data.draw(st.lists(st.lists(st.integers(-3, 20), min_size=t, max_size=t), min_size=b,
+    # A narrow slot range makes ties between a tile's smallest key slot and largest query slot common.
+    q_slots = np.array(data.draw(st.lists(st.lists(st.integers(-2, 6), min_size=t, max_size=t), min_size=b,
                                           max_size=b)), np.int32)
-    kv_slots = np.array(data.draw(st.lists(st.lists(st.integers(-3, 20), min_size=s, max_size=s), min_size=b,
+    kv_slots = np.array(data.draw(st.lists(st.lists(st.integers(-2, 6), min_size=s, max_size=s), min_size=b,
                                            max_size=b)), np.int32)
     q, k, v, ct = _qkv(data.draw(st.integers(0, 100)), b, t, s, hq, hkv, d)
     args = (q, k, v, ct, q_seg, kv_seg, q_slots, kv_slots)
@@ -234,12 +235,33 @@ def test_chunked_bf16_close_to_dense_and_keeps_dtype():
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2)
 
 
+_jit_tile_flags = jax.jit(attn_lib._tile_flags, static_argnums=(5, 6))
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_tile_flags_never_skip_a_visible_pair(data):
+    """Brute force: every (query tile, key tile) holding a visible pair is flagged, ties and kv_len included."""
+    b, t, s, bq, bk = 2, 12, 12, 4, 3
+    q_seg, kv_seg = data.draw(segment_rows(b, t, max_id=2)), data.draw(segment_rows(b, s, max_id=2))
+    q_slots = np.array(data.draw(st.lists(st.lists(st.integers(0, 4), min_size=t, max_size=t), min_size=b,
+                                          max_size=b)), np.int32)
+    kv_slots = np.array(data.draw(st.lists(st.lists(st.integers(0, 4), min_size=s, max_size=s), min_size=b,
+                                           max_size=b)), np.int32)
+    kv_len = data.draw(st.integers(0, s))
+    flags = np.asarray(_jit_tile_flags(q_seg, q_slots, kv_seg, kv_slots, kv_len, bq, bk))
+    vis = ((q_seg != 0)[:, :, None] & (q_seg[:, :, None] == kv_seg[:, None, :])
+           & (kv_slots[:, None, :] <= q_slots[:, :, None]) & (np.arange(s) < kv_len)[None, None, :])
+    needed = vis.reshape(b, t // bq, bq, s // bk, bk).any(axis=(0, 2, 4))
+    assert np.all(flags | ~needed)
+
+
 def test_causal_tiles_skip_the_upper_triangle():
     """Plain causal self-attention visits exactly the tiles on or below the diagonal (about half)."""
     t, block = 64, 16
     seg = np.ones((2, t), np.int32)
     slots = np.broadcast_to(np.arange(t, dtype=np.int32), (2, t))
-    tile_flags = jax.jit(attn_lib._tile_flags, static_argnums=(5, 6))
+    tile_flags = _jit_tile_flags
     flags = tile_flags(seg, slots, seg, slots, t, block, block)
     np.testing.assert_array_equal(flags, np.tril(np.ones((t // block, t // block), bool)))
     # kv_valid_len cuts the columns at or beyond it; a left-padded block of pads is never visited.

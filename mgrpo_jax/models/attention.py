@@ -210,9 +210,11 @@ def _dense(q, k, v, q_seg, kv_seg, q_slots, kv_slots, kv_valid_len) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------- chunked
-# Blocked layouts (built once per call, leading block axis so loops index it cheaply):
-#   qb [nq, B, Hkv, G, bq, D], kb/vb [nk, B, Hkv, bk, D], q_segb/q_slotb [nq, B, bq], kv_segb/kv_slotb
-#   [nk, B, bk], kv_idxb [nk, bk] (absolute key index, for kv_len), flags [nq, nk] (tile worth visiting).
+# Queries are cut into tiles once: qb [nq, B, Hkv, G, bq, D], q_segb/q_slotb [nq, B, bq] (T is padded to
+# nq * bq with pad ids). Keys and values are never copied or padded (a decode step must not touch the whole
+# cache): key tile j is sliced in place from [B, S, Hkv, D] at start min(j * bk, S - bk), so the last tile of
+# an S that bk does not divide overlaps its neighbour, and keys below j * bk are masked out of it.
+# flags [nq, nk]: the tile may hold a visible pair.
 
 
 def _block_stats(seg, slots, block: int):
@@ -254,16 +256,24 @@ def _true_range(row: Array) -> tuple[Array, Array]:
 
 
 def _tile_scores(q_i, k_j, scale: float) -> Array:
-    """[B, K, G, bq, D] x [B, K, bk, D] -> float32 [B, K, G, bq, bk] (products in the input dtype)."""
-    return jnp.einsum("bkgqd,bksd->bkgqs", q_i, k_j, preferred_element_type=_F32) * scale
+    """[B, K, G, bq, D] x [B, bk, K, D] -> float32 [B, K, G, bq, bk] (products in the input dtype)."""
+    return jnp.einsum("bkgqd,bskd->bkgqs", q_i, k_j, preferred_element_type=_F32) * scale
 
 
-def _tile_mask(q_seg_i, q_slot_i, kv_seg_j, kv_slot_j, kv_idx_j, kv_len) -> Array:
-    """-> bool [B, 1, 1, bq, bk], broadcastable against the tile's scores."""
-    return _visible(q_seg_i, q_slot_i, kv_seg_j, kv_slot_j, kv_idx_j[None, :], kv_len)[:, None, None]
+def _key_tile(j, bk: int, k, v, kv_seg, kv_slots):
+    """Key tile j, sliced in place: (start, k_j, v_j [B, bk, K, D], kv_seg_j, kv_slot_j [B, bk])."""
+    start = jnp.minimum(j * bk, k.shape[1] - bk)
+    return (start,) + tuple(lax.dynamic_slice_in_dim(x, start, bk, axis=1) for x in (k, v, kv_seg, kv_slots))
 
 
-def _flash_forward(qb, kb, vb, q_segb, q_slotb, kv_segb, kv_slotb, kv_idxb, kv_len, flags):
+def _tile_mask(j, start, bk: int, q_seg_i, q_slot_i, kv_seg_j, kv_slot_j, kv_len) -> Array:
+    """-> bool [B, 1, 1, bq, bk]: visible pairs of the tile whose keys belong to it (index >= j * bk)."""
+    index = start + jnp.arange(bk, dtype=jnp.int32)
+    vis = _visible(q_seg_i, q_slot_i, kv_seg_j, kv_slot_j, index[None, :], kv_len)
+    return (vis & (index >= j * bk)[None, None, :])[:, None, None]
+
+
+def _flash_forward(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk: int):
     """-> (out [nq, B, K, G, bq, D] in q's dtype, lse [nq, B, K, G, bq] float32; 0 for rows that see nothing)."""
     scale = qb.shape[-1] ** -0.5
 
@@ -274,16 +284,16 @@ def _flash_forward(qb, kb, vb, q_segb, q_slotb, kv_segb, kv_slotb, kv_idxb, kv_l
 
         def visit(j, carry):
             m, l, acc = carry
-            k_j, v_j = kb[j], vb[j]
+            start, k_j, v_j, kv_seg_j, kv_slot_j = _key_tile(j, bk, k, v, kv_seg, kv_slots)
             s = _tile_scores(q_i, k_j, scale)
-            s = jnp.where(_tile_mask(q_seg_i, q_slot_i, kv_segb[j], kv_slotb[j], kv_idxb[j], kv_len), s, -jnp.inf)
+            s = jnp.where(_tile_mask(j, start, bk, q_seg_i, q_slot_i, kv_seg_j, kv_slot_j, kv_len), s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # Rows with nothing visible so far keep m = -inf; a 0 reference keeps exp() finite (it gives 0).
             m_ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s - m_ref[..., None])
             alpha = jnp.exp(m - m_ref)
             l = alpha * l + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v_j.dtype), v_j, preferred_element_type=_F32)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_j.dtype), v_j, preferred_element_type=_F32)
             return m_new, l, alpha[..., None] * acc + pv
 
         def step(j, carry):
@@ -300,60 +310,64 @@ def _flash_forward(qb, kb, vb, q_segb, q_slotb, kv_segb, kv_slotb, kv_idxb, kv_l
     return lax.map(one_q_block, (jnp.arange(qb.shape[0], dtype=jnp.int32), qb, q_segb, q_slotb))
 
 
-@jax.custom_vjp
-def _flash(qb, kb, vb, q_segb, q_slotb, kv_segb, kv_slotb, kv_idxb, kv_len, flags):
-    return _flash_forward(qb, kb, vb, q_segb, q_slotb, kv_segb, kv_slotb, kv_idxb, kv_len, flags)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _flash(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk: int):
+    return _flash_forward(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk)[0]
 
 
-def _flash_fwd(qb, kb, vb, q_segb, q_slotb, kv_segb, kv_slotb, kv_idxb, kv_len, flags):
-    out, lse = _flash_forward(qb, kb, vb, q_segb, q_slotb, kv_segb, kv_slotb, kv_idxb, kv_len, flags)
-    return out, (qb, kb, vb, q_segb, q_slotb, kv_segb, kv_slotb, kv_idxb, kv_len, flags, out, lse)
+def _flash_fwd(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk):
+    out, lse = _flash_forward(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk)
+    return out, (qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, out, lse)
 
 
-def _flash_bwd(res, dout):
+def _flash_bwd(bk, res, dout):
     """FlashAttention-2 backward: per key tile, walk the query tiles that may see it; recompute p from lse.
 
     dv_j = sum_i p_ij^T do_i;  ds_ij = p_ij * (do_i v_j^T - delta_i);  dq_i += ds_ij k_j;  dk_j += ds_ij^T q_i
     with delta_i = rowsum(do_i * o_i) and p_ij = exp(s_ij - lse_i) on visible pairs, 0 elsewhere.
     """
-    qb, kb, vb, q_segb, q_slotb, kv_segb, kv_slotb, kv_idxb, kv_len, flags, out, lse = res
+    qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, out, lse = res
     scale = qb.shape[-1] ** -0.5
     delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1)  # [nq, B, K, G, bq]
+    b, s, hkv, d = k.shape
+    nk = flags.shape[1]
 
-    def tile_grads(i, j, k_j, v_j, kv_seg_j, kv_slot_j, kv_idx_j):
-        q_i, do_i = qb[i], dout[i]
-        s = _tile_scores(q_i, k_j, scale)
-        mask = _tile_mask(q_segb[i], q_slotb[i], kv_seg_j, kv_slot_j, kv_idx_j, kv_len)
-        p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
-        dv = jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_i.dtype), do_i, preferred_element_type=_F32)
-        dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v_j, preferred_element_type=_F32)
-        ds = (p * (dp - delta[i][..., None]) * scale).astype(q_i.dtype)
-        dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, k_j, preferred_element_type=_F32)
-        dk = jnp.einsum("bkgqs,bkgqd->bksd", ds, q_i, preferred_element_type=_F32)
-        return dq, dk, dv
-
-    def one_kv_block(dq_acc, xs):
-        j, k_j, v_j, kv_seg_j, kv_slot_j, kv_idx_j = xs
+    def one_kv_block(dq_acc, j):
+        start, k_j, v_j, kv_seg_j, kv_slot_j = _key_tile(j, bk, k, v, kv_seg, kv_slots)
         col = flags[:, j]
         lo, hi = _true_range(col)
         zeros_q = jnp.zeros(qb.shape[1:], _F32)
         zeros_kv = jnp.zeros(k_j.shape, _F32)
 
+        def tile_grads(i):
+            q_i, do_i = qb[i], dout[i]
+            s = _tile_scores(q_i, k_j, scale)
+            mask = _tile_mask(j, start, bk, q_segb[i], q_slotb[i], kv_seg_j, kv_slot_j, kv_len)
+            p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
+            dv = jnp.einsum("bkgqs,bkgqd->bskd", p.astype(do_i.dtype), do_i, preferred_element_type=_F32)
+            dp = jnp.einsum("bkgqd,bskd->bkgqs", do_i, v_j, preferred_element_type=_F32)
+            ds = (p * (dp - delta[i][..., None]) * scale).astype(q_i.dtype)
+            dq = jnp.einsum("bkgqs,bskd->bkgqd", ds, k_j, preferred_element_type=_F32)
+            dk = jnp.einsum("bkgqs,bkgqd->bskd", ds, q_i, preferred_element_type=_F32)
+            return dq, dk, dv
+
         def step(i, carry):
             dk, dv, dq_acc = carry
-            dq_i, dk_i, dv_i = lax.cond(
-                col[i], lambda: tile_grads(i, j, k_j, v_j, kv_seg_j, kv_slot_j, kv_idx_j),
-                lambda: (zeros_q, zeros_kv, zeros_kv))
+            dq_i, dk_i, dv_i = lax.cond(col[i], tile_grads, lambda i: (zeros_q, zeros_kv, zeros_kv), i)
             # The accumulator update stays outside the cond so that only tile-sized values cross it.
             dq_acc = lax.dynamic_update_index_in_dim(dq_acc, dq_acc[i] + dq_i, i, 0)
             return dk + dk_i, dv + dv_i, dq_acc
 
         dk, dv, dq_acc = lax.fori_loop(lo, hi, step, (zeros_kv, zeros_kv, dq_acc))
-        return dq_acc, (dk.astype(k_j.dtype), dv.astype(v_j.dtype))
+        return dq_acc, (dk.astype(k.dtype), dv.astype(v.dtype))
 
-    xs = (jnp.arange(kb.shape[0], dtype=jnp.int32), kb, vb, kv_segb, kv_slotb, kv_idxb)
-    dq, (dkb, dvb) = lax.scan(one_kv_block, jnp.zeros(qb.shape, _F32), xs)
-    return (dq.astype(qb.dtype), dkb, dvb) + (None,) * 7
+    dq, (dk_tiles, dv_tiles) = lax.scan(one_kv_block, jnp.zeros(qb.shape, _F32), jnp.arange(nk, dtype=jnp.int32))
+
+    def untile(tiles):  # [nk, B, bk, K, D] -> [B, S, K, D]; the last tile's leading rows belong to tile nk-2
+        full = tiles[:-1].transpose(1, 0, 2, 3, 4).reshape(b, (nk - 1) * bk, hkv, d)
+        return jnp.concatenate([full, tiles[-1][:, nk * bk - s:]], axis=1)
+
+    return (dq.astype(qb.dtype), untile(dk_tiles), untile(dv_tiles)) + (None,) * 6
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -372,17 +386,13 @@ def _chunked(q, k, v, q_seg, kv_seg, q_slots, kv_slots, kv_valid_len, block_q: i
     bq, bk = min(block_q, t), min(block_kv, s)
     nq, nk = _cdiv(t, bq), _cdiv(s, bk)
     kv_len = jnp.int32(s) if kv_valid_len is None else jnp.minimum(jnp.asarray(kv_valid_len, jnp.int32), s)
-    # Padded queries and keys get segment id 0: invisible, and padded query rows come out 0.
+    # Padded queries get segment id 0: they see nothing and come out 0. Only the small id/slot arrays of the
+    # keys are padded, for the per-tile statistics.
     q_seg, q_slots = _pad_axis1(q_seg, nq * bq), _pad_axis1(q_slots, nq * bq)
-    kv_seg, kv_slots = _pad_axis1(kv_seg, nk * bk), _pad_axis1(kv_slots, nk * bk)
-    flags = _tile_flags(q_seg, q_slots, kv_seg, kv_slots, kv_len, bq, bk)
+    flags = _tile_flags(q_seg, q_slots, _pad_axis1(kv_seg, nk * bk), _pad_axis1(kv_slots, nk * bk), kv_len, bq, bk)
     qb = _pad_axis1(q, nq * bq).reshape(b, nq, bq, hkv, g, d).transpose(1, 0, 3, 4, 2, 5)
-    kb = _pad_axis1(k, nk * bk).reshape(b, nk, bk, hkv, d).transpose(1, 0, 3, 2, 4)
-    vb = _pad_axis1(v, nk * bk).reshape(b, nk, bk, hkv, d).transpose(1, 0, 3, 2, 4)
     q_segb, q_slotb = (x.reshape(b, nq, bq).transpose(1, 0, 2) for x in (q_seg, q_slots))
-    kv_segb, kv_slotb = (x.reshape(b, nk, bk).transpose(1, 0, 2) for x in (kv_seg, kv_slots))
-    kv_idxb = jnp.arange(nk * bk, dtype=jnp.int32).reshape(nk, bk)
-    out = _flash(qb, kb, vb, q_segb, q_slotb, kv_segb, kv_slotb, kv_idxb, kv_len, flags)
+    out = _flash(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk)
     return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, hq, d)[:, :t]
 
 
