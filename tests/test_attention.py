@@ -256,6 +256,20 @@ def test_tile_flags_never_skip_a_visible_pair(data):
     assert np.all(flags | ~needed)
 
 
+def test_chunked_on_sharded_inputs_equals_dense():
+    """Batch over fsdp, heads over tp (4 fake devices): XLA partitions the tile loops; values and grads hold."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("fsdp", "tp"))
+    b, t, hq, hkv, d = 4, 23, 4, 2, 8
+    seg = np.array([[0] * 7 + [1] * 16, [1] * 15 + [2] * 8, [1] * 23, [0] * 23], np.int32)
+    slots = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    q, k, v, ct = _qkv(7, b, t, t, hq, hkv, d)
+    heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None, "tp", None))
+    sharded = [jax.device_put(x, heads) for x in (q, k, v, ct)]
+    got = _value_and_grads("chunked")(*sharded, seg, seg, slots, slots[0])
+    assert got[1][0].sharding.is_equivalent_to(heads, 4)  # dq stays sharded like q: nothing was replicated
+    _assert_same(got, _value_and_grads("dense")(q, k, v, ct, seg, seg, slots, slots[0]))
+
+
 def test_causal_tiles_skip_the_upper_triangle():
     """Plain causal self-attention visits exactly the tiles on or below the diagonal (about half)."""
     t, block = 64, 16
@@ -402,6 +416,12 @@ def test_select_implementation_rules():
     assert select_implementation("splash", q, k, f32, backend="cpu") == "splash"
     assert select_implementation("splash", (1, 1, 4, 128), k, f32, backend="cpu") == "chunked"
     assert select_implementation("dense", q, k, f32, backend="tpu") == "dense"
+    assert select_implementation("auto", q, k, bf16, backend="gpu") == "cudnn"
+    assert select_implementation("auto", q, k, f32, block_kv=32, backend="gpu") == "chunked"  # cuDNN: bf16/fp16
+    assert select_implementation("cudnn", q, k, f32, backend="gpu") == "chunked"
+    assert select_implementation("auto", q, k, bf16, block_kv=32, backend="gpu", kv_valid_len_given=True) == "chunked"
+    with pytest.raises(ValueError, match="head_dim a multiple of 8"):
+        select_implementation("cudnn", (1, 64, 4, 12), (1, 64, 2, 12), bf16, backend="gpu")
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         select_implementation("cudnn", q, k, bf16, backend="cpu")
     mesh = jax.make_mesh((2, 2), ("fsdp", "tp"), devices=jax.devices()[:4])

@@ -16,9 +16,9 @@ Implementations (`attention(..., implementation=...)`, `IMPLEMENTATIONS`):
   Peak extra memory is a few [B, H, block_q, block_kv] tiles: the forward keeps only the output and the
   per-query logsumexp, the backward (a `jax.custom_vjp`) recomputes each tile. Tiles that no (query, key)
   pair of the batch can see, judged from per-tile min/max of slots and segment ids, are skipped (loop bounds
-  plus a `lax.cond`), so causal self-attention visits about half of them. With `kv_valid_len` (a traced
-  int32 scalar) keys at index >= kv_valid_len are masked and their tiles never visited: decode cost follows
-  the filled length of the cache, not its size.
+  plus a `lax.cond`), so causal self-attention visits about half of them. Key tiles are sliced from k/v in
+  place (never copied or padded). With `kv_valid_len` (a traced int32 scalar) keys at index >= kv_valid_len
+  are masked and their tiles never visited: decode cost follows the filled length of the cache, not its size.
 - `cudnn`: cuDNN flash attention (GPU, bf16/fp16) through jax's fused-attention custom call. cuDNN knows
   causal-by-index masks, per-sequence lengths and (Hopper+) packed segments given as offsets, not segment ids
   and slots, so a layout is translated when it is expressible, checked on the device each call:
