@@ -497,20 +497,20 @@ def _splash(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block_q: int, block_kv: i
             qt, kt, vt, q_seg, kv_seg)
         return out.transpose(0, 2, 1, 3)[:, :t]
 
+    call = run
     if mesh is not None:
         heads = jax.sharding.PartitionSpec("fsdp", None, "tp", None)
         rows = jax.sharding.PartitionSpec("fsdp", None)
         specs = (heads, heads, heads, rows, rows)
         sharded = jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=heads, check_vma=False)
+        call = sharded
         if jax.sharding.AxisType.Explicit in mesh.axis_types:
             # shard_map takes explicitly sharded inputs only in its own layout: move them there first.
-            def run(*xs):
+            def call(*xs):
                 return sharded(*(jax.reshard(x, jax.sharding.NamedSharding(mesh, p)) for x, p in zip(xs, specs)))
-        else:
-            run = sharded
 
     def splash(q, k, v, q_seg):
-        return _zero_pad_queries(run(q, k, v, q_seg, kv_seg).astype(q.dtype), q_seg)
+        return _zero_pad_queries(call(q, k, v, q_seg, kv_seg).astype(q.dtype), q_seg)
 
     def fallback(q, k, v, q_seg):
         return _chunked(q, k, v, q_seg, kv_seg, q_slots, kv_slots, None, block_q, block_kv)
