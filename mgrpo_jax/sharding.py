@@ -30,6 +30,7 @@ refuses a layout that would give an agent a mesh missing some process.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import os
@@ -104,15 +105,28 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: LogicalRules = DE
     return jax.lax.with_sharding_constraint(x, logical_to_pspec(axes, rules, mesh, x.shape))
 
 
+_TRACED_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("traced_mesh", default=None)
+
+
 def with_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
-    """`fn` traced under `mesh` (as an abstract mesh), so that `constrain` inside it takes effect. Wrap the
-    function you jit: `jax.jit(with_mesh(step, mesh), in_shardings=...)`."""
+    """`fn` traced under `mesh` (as jax's abstract mesh, and as `current_mesh()`), so that `constrain` inside
+    it takes effect and mesh-aware kernels (splash attention's `shard_map`) find the mesh. Wrap the function
+    you jit: `jax.jit(with_mesh(step, mesh), in_shardings=...)`."""
     @functools.wraps(fn)
     def traced_on_mesh(*args, **kwargs):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args, **kwargs)
+        token = _TRACED_MESH.set(mesh)
+        try:
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args, **kwargs)
+        finally:
+            _TRACED_MESH.reset(token)
 
     return traced_on_mesh
+
+
+def current_mesh() -> Mesh | None:
+    """The concrete Mesh the running trace was started under by `with_mesh`, or None."""
+    return _TRACED_MESH.get()
 
 
 def _is_var(x: Any) -> bool:

@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 from mgrpo_jax.models import (
     KVCache,
     ModelConfig,
+    abstract_model,
     check_tokenizer,
     init_model,
     load_model,
@@ -202,9 +203,10 @@ def test_layout_reads_exactly_the_block(layout_shape, data):
 # ------------------------------------------------------------------------------------------ cached decoding
 
 
-# The cache path shares every layer with the forward checked against transformers above; two families suffice.
-@pytest.mark.parametrize("name", ["qwen3", "llama3_tied"])
-def test_cached_decoding_equals_full_forward(checkpoints, name):
+# The cache path shares every layer with the forward checked against transformers above; two families suffice,
+# one of them with the blockwise attention (which then skips the cache's empty slots: kv_valid_len).
+@pytest.mark.parametrize("name, attention", [("qwen3", "dense"), ("llama3_tied", "chunked")])
+def test_cached_decoding_equals_full_forward(checkpoints, name, attention):
     """Prefill a left/right-padded prompt, then decode (teacher-forced) tokens; compare with one full forward."""
     _, _, _, model, config, _ = checkpoints(name)
     prompt_mask, prompt = MASK, TOKENS
@@ -214,9 +216,10 @@ def test_cached_decoding_equals_full_forward(checkpoints, name):
     full_tokens = np.concatenate([prompt, new_tokens], 1)
     full_mask = np.concatenate([prompt_mask, np.ones_like(new_tokens)], 1)
     full_positions = np.concatenate([POSITIONS, lengths[:, None] + np.arange(steps)[None]], 1).astype(np.int32)
-    want = _ours(model, full_tokens, full_mask, full_positions)
+    want = _ours(model, full_tokens, full_mask, full_positions)  # the dense forward, checked against transformers
 
-    graphdef, state = nnx.split(model)
+    config = config.replace(attention=attention)
+    graphdef, state = nnx.split(abstract_model(config))[0], nnx.state(model)
     prefill = jax.jit(lambda s, t, p, m, c: nnx.merge(graphdef, s).prefill(t, p, m, c), donate_argnums=4)
     decode = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s).decode_step(t, p, c), donate_argnums=3)
     cache = KVCache.init(config, batch_size=len(prompt), max_len=prompt.shape[1] + steps + 2)
@@ -261,12 +264,15 @@ def test_bf16_compute_is_close(checkpoints):
 
 
 def test_remat_policies_give_the_same_loss_and_grads():
+    """Every remat policy (and the blockwise attention under remat) changes memory, never values."""
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8)
     tokens, mask, positions = (jnp.asarray(a[:, :6] % 64) for a in (TOKENS, MASK, POSITIONS))
     results = {}
-    for policy in ("none", True, "dots", "dots_no_batch", "save_attn_out"):
-        graphdef, state = nnx.split(init_model(config.replace(remat=policy), seed=3))
+    variants = [("none", {}), *((p, {"remat": p}) for p in (True, "dots", "dots_no_batch", "save_attn_out")),
+                ("full + chunked", {"remat": "full", "attention": "chunked"})]
+    for policy, changes in variants:
+        graphdef, state = nnx.split(init_model(config.replace(**changes), seed=3))
 
         def loss(s):
             return jnp.mean(nnx.merge(graphdef, s)(tokens, positions, mask) ** 2)

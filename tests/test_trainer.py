@@ -70,8 +70,10 @@ def test_micro_batching_does_not_change_the_update():
     b = _agent(loss=LossConfig(micro_batch_size=2, chunk_size=16))
     ma, mb = a.update(batch), b.update(batch)
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+    # Adam's first step moves a weight by lr * g / (|g| + eps): for a gradient at float-cancellation level
+    # (~3e-8, a few eps) the summation order of the micro-batches shows at ~1e-3 of lr, so atol is in lr units.
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
 
 def test_non_finite_loss_skips_the_step():

@@ -6,14 +6,15 @@ One module tree serves three paths that share every layer:
 - `Transformer.prefill`: the same forward that also writes keys and values into a `KVCache`.
 - `Transformer.decode_step`: one new token per row against the cache.
 
-The layers are one stacked `DecoderLayer` (built with `nnx.vmap`: every parameter has a leading layer axis,
-logical name "layers") applied with `jax.lax.scan`, so the program, and its compile time, do not grow with
+The layers are one stacked `DecoderLayer` (every parameter has a leading layer axis, logical name "layers")
+applied with `jax.lax.scan`, so the program, and its compile time, do not grow with
 depth; in training the scanned body is wrapped in `jax.checkpoint` with the named policy `ModelConfig.remat`
 (LESSONS.md, item 16). The KV cache is stacked the same way, [layers, B, S, kv_heads, head_dim].
 
 Attention takes segment ids (the `attention_mask` argument: 0 = pad, equal positive ids = one sequence, so
-packed rows with several sequences work) and slot indices (causal order) and never materializes a [B, T, S]
-mask outside the attention function (LESSONS.md, item 15): query t attends key s iff
+packed rows with several sequences work) and slot indices (causal order), and runs `ModelConfig.attention`'s
+implementation of `mgrpo_jax.models.attention.attention` (dense, chunked, cudnn, splash, auto); the model never
+builds a [B, T, S] mask (LESSONS.md, item 15): query t attends key s iff
 q_seg[t] != 0 and q_seg[t] == kv_seg[s] and slot[s] <= slot[t]. A pad token never attends and is never attended
 to, whatever side the padding is on. RoPE takes explicit `positions`, so left-padded rows use positions that
 start at 0 on their first real token, as transformers does with `position_ids`.
@@ -36,7 +37,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mgrpo_jax.sharding import constrain
+from mgrpo_jax.models import attention as attention_lib
+from mgrpo_jax.sharding import constrain, current_mesh
 
 Array = jax.Array
 
@@ -51,12 +53,14 @@ LOGICAL_AXES = ("layers", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "
 #   none: no remat (keeps every intermediate); full: keeps only the layer's input;
 #   dots: keeps every matmul output (jax.checkpoint_policies.dots_saveable; includes attention scores);
 #   dots_no_batch: keeps the matmuls without batch dimensions, i.e. the projections, not the scores;
-#   save_attn_out: keeps only the attention output (named ATTENTION_OUT), so backward recomputes the
-#     projections and the MLP but not attention itself.
+#   save_attn_out: keeps only the attention output (named ATTENTION_OUT): recomputing what follows attention
+#     (output projection, MLP) needs no attention forward, though attention's own backward still recomputes
+#     its internals (scores, or the blockwise statistics).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 ATTENTION_OUT = "attn_out"
-# `ModelConfig.attention`: the attention implementation (the dense reference until the efficient ones land).
-ATTENTION_IMPLEMENTATIONS = ("dense",)
+# `ModelConfig.attention`: the attention implementation (`mgrpo_jax.models.attention`: dense, chunked,
+# cudnn, splash, auto).
+ATTENTION_IMPLEMENTATIONS = attention_lib.IMPLEMENTATIONS
 
 
 def remat_policy(value: Any) -> str:
@@ -291,14 +295,14 @@ def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
 
 def attention_mask_from_segments(q_segment_ids: Array, q_slots: Array, kv_segment_ids: Array,
                                  kv_slots: Array) -> Array:
-    """Boolean attention mask [B, T, S]: query t may attend key s.
+    """Boolean attention mask [B, T, S]: query t may attend key s (what `attention.attention` computes with).
 
     mask[b,t,s] = (q_seg[b,t] != 0) & (q_seg[b,t] == kv_seg[b,s]) & (kv_slots[b,s] <= q_slots[b,t])
 
     q_segment_ids [B, T], kv_segment_ids [B, S]: 0 marks a pad, equal positive ids share a sequence (so packed
     rows work too). q_slots [B, T] / kv_slots [B, S] or [S]: the index of each token in the row (cache slot),
-    which orders tokens causally regardless of the RoPE positions. The dense reference's mask; the efficient
-    attention paths never build it.
+    which orders tokens causally regardless of the RoPE positions. For inspection and tests: the model never
+    builds it (the dense attention does, internally; the efficient implementations never do).
     """
     kv_slots = jnp.broadcast_to(kv_slots, kv_segment_ids.shape)
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
@@ -307,38 +311,11 @@ def attention_mask_from_segments(q_segment_ids: Array, q_slots: Array, kv_segmen
     return same & real & causal
 
 
-def _attention(q: Array, k: Array, v: Array, q_segment_ids: Array, kv_segment_ids: Array, q_slots: Array,
-               kv_slots: Array, *, implementation: str = "auto", block_q: int = 512, block_kv: int = 512,
-               kv_valid_len: Array | None = None, mesh: Any = None) -> Array:
-    """Causal, segment-masked grouped-query attention: softmax(q k^T / sqrt(D) + mask) v, the dense reference.
-
-    q [B, T, Hq, D] and k, v [B, S, Hkv, D] (RoPE already applied), segment ids [B, T] / [B, S], slots [B, T] /
-    [B, S] (see `attention_mask_from_segments`). Returns [B, T, Hq, D] in q's dtype; a pad query's row is
-    exactly 0. This has the signature of `mgrpo_jax.models.attention.attention` so that the efficient
-    implementations drop in; here `implementation` may only be "dense" or "auto", and the block sizes,
-    `kv_valid_len` and `mesh` (used by the blockwise and kernel paths) are ignored.
-    """
-    del block_q, block_kv, kv_valid_len, mesh
-    if implementation not in ("dense", "auto"):
-        raise ValueError(f"attention implementation {implementation!r} is not available in this build; "
-                         f"use one of {list(ATTENTION_IMPLEMENTATIONS)}")
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    mask = attention_mask_from_segments(q_segment_ids, q_slots, kv_segment_ids, kv_slots)
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-    m = mask[:, None, None, :, :]
-    # A finite fill keeps a fully masked row (a pad query) finite; zeroing its weights afterwards makes the
-    # pad's output exactly 0, so nothing from it can leak anywhere.
-    scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
-    weights = jnp.where(m, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, hq, d).astype(q.dtype)
-
-
 @dataclasses.dataclass(frozen=True)
 class _CacheView:
     """What one scanned layer needs of the stacked KV cache: the caches [L, B, S, kv_heads, head_dim], this
-    layer's index, the slot where the new block is written, and the keys' segment ids and slots [B, S]."""
+    layer's index, the slot where the new block is written, the keys' segment ids and slots [B, S], and the
+    filled length (end_index after this write: later slots are empty and never visited by `chunked`)."""
 
     k: Array
     v: Array
@@ -346,6 +323,7 @@ class _CacheView:
     write_slot: Array
     segment_ids: Array
     slots: Array
+    valid_len: Array
 
 
 class Attention(nnx.Module):
@@ -396,7 +374,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q, dt), self.k_norm(k, dt)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         new_cache = None
-        kv_segment_ids, kv_slots = segment_ids, slots
+        kv_segment_ids, kv_slots, kv_valid_len = segment_ids, slots, None
         if cache is not None:
             zero = jnp.zeros((), jnp.int32)
             at = (cache.layer, zero, cache.write_slot, zero, zero)
@@ -405,8 +383,9 @@ class Attention(nnx.Module):
             new_cache = (k_all, v_all)
             k = jax.lax.dynamic_index_in_dim(k_all, cache.layer, 0, keepdims=False).astype(dt)
             v = jax.lax.dynamic_index_in_dim(v_all, cache.layer, 0, keepdims=False).astype(dt)
-            kv_segment_ids, kv_slots = cache.segment_ids, cache.slots
-        out = _attention(q, k, v, segment_ids, kv_segment_ids, slots, kv_slots, implementation=c.attention)
+            kv_segment_ids, kv_slots, kv_valid_len = cache.segment_ids, cache.slots, cache.valid_len
+        out = attention_lib.attention(q, k, v, segment_ids, kv_segment_ids, slots, kv_slots,
+                                      implementation=c.attention, kv_valid_len=kv_valid_len, mesh=current_mesh())
         out = checkpoint_name(constrain(out, ("batch", "length", "q_heads", "head_dim")), ATTENTION_OUT)
         y = jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(dt))
         if c.attention_out_bias:
@@ -593,7 +572,7 @@ class Transformer(nnx.Module):
         def body(carry, xs):
             h, k_all, v_all = carry
             layer_state, index = xs
-            view = _CacheView(k_all, v_all, index, start, cache_segments, kv_slots)
+            view = _CacheView(k_all, v_all, index, start, cache_segments, kv_slots, start + t)
             h, (k_all, v_all) = nnx.merge(graphdef, layer_state)(h, sin, cos, segment_ids, q_slots, view)
             return (h, k_all, v_all), None
 
