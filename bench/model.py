@@ -8,8 +8,9 @@ The step is `jax.value_and_grad` of the mean token cross-entropy (full logits, n
 - "sharded": parameters born sharded over all devices (mesh fsdp = n / tp x tp, `DEFAULT_RULES`), the batch
   over fsdp, gradients returned in the parameters' shardings (`mgrpo_jax.sharding`).
 Tokens/s is batch * seq / median wall time of `--repeats` calls after a warm-up call. FLOPs per token come
-from XLA's cost analysis of the compiled step (`jit(f).lower(...).compile().cost_analysis()["flops"]`; for the
-sharded program that figure is per device, so it is multiplied by the device count), next to the analytic
+from XLA's cost analysis of the compiled step (`jit(f).lower(...).compile().cost_analysis()["flops"]`, counted
+on the step with its layer scan unrolled because XLA counts a loop body once; for the sharded program that
+figure is per device, so it is multiplied by the device count), next to the analytic
 6 * matmul params + attention estimate. MFU = tokens/s * FLOPs/token / (peak TFLOP/s per device * devices),
 printed when `--peak-tflops` is given (e.g. 989 for an H100 SXM in bf16 dense), so the same script gives MFU
 on an accelerator. `--cpu-devices N` sets `--xla_force_host_platform_device_count=N` before jax is imported
@@ -53,7 +54,7 @@ from flax import nnx  # noqa: E402
 
 from mgrpo_jax import sharding  # noqa: E402
 from mgrpo_jax.kernels import token_logprobs  # noqa: E402
-from mgrpo_jax.models import ModelConfig, init_model, positions_from_mask  # noqa: E402
+from mgrpo_jax.models import ModelConfig, abstract_model, init_model, positions_from_mask  # noqa: E402
 
 
 def bench_config(dtype: str, remat: str = "none") -> ModelConfig:
@@ -115,7 +116,10 @@ def run(name: str, devices: list, tp: int, c: ModelConfig, host_batch, args) -> 
     start = time.perf_counter()
     compiled = step.lower(params, batch).compile()
     compile_s = time.perf_counter() - start
-    flops_per_token = xla_flops(compiled) * n / (args.batch * args.seq)  # per-device program x devices
+    # XLA's cost analysis counts a loop body once: count FLOPs on the same step with the layer scan unrolled.
+    unrolled = nnx.split(abstract_model(c.replace(scan_unroll=c.num_layers)))[0]
+    counted = make_step(unrolled, param_shardings, data).lower(params, batch).compile()
+    flops_per_token = xla_flops(counted) * n / (args.batch * args.seq)  # per-device program x devices
     jax.block_until_ready(compiled(params, batch))  # warm-up
     times = []
     for _ in range(args.repeats):

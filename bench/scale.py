@@ -334,7 +334,8 @@ def main() -> None:
     args = ARGS
     devices = jax.devices()
     print(f"jax {jax.__version__}, {len(devices)} fake {devices[0].platform} devices, {os.cpu_count()} host cores; "
-          f"remat policies {list(args.remat or remat_policies())}, attention {list(args.attention or attention_implementations())}")
+          f"remat policies {list(args.remat or remat_policies())}, attention "
+          f"{list(args.attention or attention_implementations())}")
     if "memory" in _SECTIONS:
         memory_section(args)
     if "depth" in _SECTIONS:

@@ -15,7 +15,8 @@ def agent(hidden: int = 64, layers: int = 2, devices: int = 1) -> ConfigDict:
         "checkpoint": "",  # a Hugging Face directory to start from; "" = random init from `model`
         "model": {"architecture": "qwen3", "hidden_size": hidden, "intermediate_size": 2 * hidden,
                   "num_layers": layers, "num_heads": 4, "num_kv_heads": 2, "head_dim": hidden // 4,
-                  "tie_word_embeddings": True, "param_dtype": "float32", "dtype": "float32", "remat": False},
+                  "tie_word_embeddings": True, "param_dtype": "float32", "dtype": "float32",
+                  "remat": "none", "attention": "dense"},  # remat: none|full|dots|dots_no_batch|save_attn_out
         "mesh": {"devices": devices, "fsdp": devices, "tp": 1},
         "sampler": {"batch_size": 16, "max_new_tokens": 24, "prompt_buckets": (128, 256, 488),
                     "temperature": 1.0, "top_k": 0, "top_p": 1.0, "overflow": "error"},

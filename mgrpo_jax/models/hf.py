@@ -411,8 +411,9 @@ def save_hf(model: Transformer | nnx.State, config: ModelConfig, path: str, *, h
     """Write `path/{config.json, model.safetensors (or shards + index)}` (+ tokenizer files) for transformers.
 
     `model` is a Transformer or its Param state. Parameters are fetched to the host one tensor (one layer of a
-    stacked parameter) at a time and saved in their parameter dtype, under transformers' per-layer names. `hf_config`, when given (e.g. the original checkpoint's), is written
-    instead of a reconstructed one; its `architectures` and dtype fields are set to match.
+    stacked parameter) at a time and saved in their parameter dtype, under transformers' per-layer names.
+    `hf_config`, when given (e.g. the original checkpoint's), is written instead of a reconstructed one; its
+    `architectures` and dtype fields are set to match.
     """
     if tokenizer is not None:
         check_tokenizer(tokenizer, config)
@@ -421,12 +422,13 @@ def save_hf(model: Transformer | nnx.State, config: ModelConfig, path: str, *, h
     if hf_config is None:
         hf_config = hf_config_from(config)
     else:
-        structural = dict(param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat,
-                          attention=config.attention)
-        if ModelConfig.from_hf(hf_config, **structural) != config:
-            raise ValueError(f"hf_config ({type(hf_config).__name__}) describes "
-                             f"{ModelConfig.from_hf(hf_config, **structural)}, not the model being saved ({config}); "
-                             "pass the config the weights were loaded with, or hf_config=None to rebuild one")
+        described = ModelConfig.from_hf(hf_config, param_dtype=config.param_dtype, dtype=config.dtype,
+                                        remat=config.remat, attention=config.attention).replace(
+                                            scan_unroll=config.scan_unroll)  # how it runs, not what it is
+        if described != config:
+            raise ValueError(f"hf_config ({type(hf_config).__name__}) describes {described}, not the model being "
+                             f"saved ({config}); pass the config the weights were loaded with, or hf_config=None to "
+                             "rebuild one")
         hf_config = copy.deepcopy(hf_config)  # the caller's object keeps its fields
     hf_config.architectures = [_HF_CLASSES[config.architecture][1]]
     hf_config.dtype = config.param_dtype

@@ -108,7 +108,9 @@ class ModelConfig:
     `param_dtype` is the storage dtype of the parameters, `dtype` the compute dtype of activations; logits are
     always float32 and RMSNorm always computes in float32. `remat` names the rematerialization policy of the
     scanned layers (`REMAT_POLICIES`; booleans are accepted: True = "full", False = "none"); `attention` the
-    attention implementation (`ATTENTION_IMPLEMENTATIONS`).
+    attention implementation (`ATTENTION_IMPLEMENTATIONS`). `scan_unroll` is the layers per iteration of the
+    layer scan (`jax.lax.scan(unroll=...)`): 1 keeps the program independent of depth; `num_layers` unrolls it
+    (XLA's cost analysis counts a loop body once, so FLOP counts need the unrolled program).
     """
 
     vocab_size: int
@@ -131,10 +133,11 @@ class ModelConfig:
     max_position_embeddings: int = 8192
     architecture: str = "llama"
     attention: str = "dense"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "max_position_embeddings"):
+                    "head_dim", "max_position_embeddings", "scan_unroll"):
             value = getattr(self, key)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"ModelConfig.{key} must be a positive integer, got {value!r}")
@@ -536,7 +539,7 @@ class Transformer(nnx.Module):
         policy = self.config.remat
         if policy != "none":
             body = jax.checkpoint(body, policy=_checkpoint_policy(policy), prevent_cse=False)
-        return jax.lax.scan(body, x, state)[0]
+        return jax.lax.scan(body, x, state, unroll=self.config.scan_unroll)[0]
 
     def __call__(self, tokens: Array, positions: Array, attention_mask: Array, *,
                  return_hidden: bool = False) -> Array:
