@@ -112,6 +112,18 @@ def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
 ROLES = ("all", "main", "sub")
 
 
+def pack_length(loss: LossConfig, context: int, where: str) -> int:
+    """The packed row length of an agent's batches: loss.pack_len, or its context limit when 0. A row must hold
+    the longest trajectory the controller can produce, so a shorter pack_len is a config error."""
+    if loss.pack_len == 0:
+        return context
+    if loss.pack_len < context:
+        raise ValueError(f"config {where}.loss.pack_len={loss.pack_len} is shorter than the agent's context limit "
+                         f"{context} (controller.max_*_context): a trajectory could not fit in a row; raise "
+                         "pack_len, or set it to 0 to use the context limit")
+    return loss.pack_len
+
+
 def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None) -> Experiment:
     """Builds a run from its config (see configs/tiny_cpu.py for every key).
 
@@ -157,17 +169,14 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     loop_values = {k: v for k, v in to_dict(mgrpo_cfg).items() if k not in ("alignment", "rewards", "num_queries")}
     loop_mode = "main_only" if job == "main" else mode  # the decoupled main job trains the main agent alone
     loop_cfg = make(MGRPOConfig, loop_values, "mgrpo", mode=loop_mode, alignment=alignment, rewards=rewards,
-                    main_max_len=controller_cfg.max_main_context, sub_max_len=controller_cfg.max_sub_context,
-                    pad_id=tokenizer.pad_token_id, seed=config.seed)
+                    seed=config.seed)
     num_queries = int(mgrpo_cfg.num_queries)
     if num_queries < 1:
         raise ValueError(f"config mgrpo.num_queries must be >= 1, got {num_queries}")
-    rows = {"main": num_queries * loop_cfg.num_rollouts}
-    d_max = alignment.d_max
-    if d_max != "auto":
-        rows["sub"] = rows["main"] * d_max
+    # The longest trajectory each trained model sees: its context limit (shared_model: either role's).
+    context = {"main": controller_cfg.max_main_context, "sub": controller_cfg.max_sub_context}
     if mode == "shared_model":
-        rows["main"] += rows["sub"]
+        context["main"] = max(context.values())
 
     agents: dict[str, Agent] = {}
     trainers: dict[str, Any] = {}
@@ -192,21 +201,11 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
                                  f"temperature={sampler_cfg.temperature}: the trainer must score tokens under the "
                                  "distribution they were sampled from (set both to the same value)")
             ref = jax.tree.map(lambda x: x.copy(), params) if loss.kl_coef else None
-
-            def factory(num_rows, role=role, graphdef=graphdef, params=params, shardings=shardings,
-                        optimizer=optimizer, loss=loss, ref=ref):
-                for n in (num_rows,):
-                    if n % loss.micro_batch_size:
-                        raise ValueError(f"config agents.{role}: {n} rows per update do not divide into "
-                                         f"loss.micro_batch_size={loss.micro_batch_size}")
-                return AgentTrainer(role, graphdef, params, shardings, optimizer, loss, num_rows, ref_params=ref)
-
-            if role in rows:
-                trainer = factory(rows[role])
-                trainers[role] = trainer
-                policy.update(trainer.params, trainer.version)
-            else:
-                trainers[role] = factory  # built when D_max is known (alignment.d_max = "auto")
+            row_len = pack_length(loss, context[role], where)
+            trainer = AgentTrainer(role, graphdef, params, shardings, optimizer, loss, row_len=row_len,
+                                   pad_id=tokenizer.pad_token_id, ref_params=ref)
+            trainers[role] = trainer
+            policy.update(trainer.params, trainer.version)
         agents[role] = Agent(role, model_cfg, graphdef, meshes[role], policy, trainer)
     if mode == "shared_model":
         trainers["sub"] = trainers["main"]

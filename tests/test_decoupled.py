@@ -143,17 +143,16 @@ def test_controller_marks_delegations_failed_when_the_service_is_down():
 
 
 def test_sub_batch_from_store_records_equals_the_single_program_batch():
-    """The sub job rebuilds, from records that went through a store, exactly the batch (rows, advantages,
-    weights) that the single-program loop builds from the rollouts; groups are the claimed query groups, never
-    the records' query index (here two groups of different steps both have query 0: LESSONS.md item 1)."""
+    """The sub job rebuilds, from records that went through a store, exactly the segments (tokens, behaviour
+    log-probs, advantages, weights) that the single-program loop builds from the rollouts; groups are the
+    claimed query groups, never the records' query index (here two groups of different steps both have query 0:
+    LESSONS.md item 1)."""
     import dataclasses
 
-    from mgrpo_jax.kernels import mgrpo_advantages
     from mgrpo_jax.rollout.rewards import RewardConfig
-    from mgrpo_jax.train.alignment import AlignmentConfig, align
-    from mgrpo_jax.train.batch import build_batch
+    from mgrpo_jax.train.alignment import AlignmentConfig
     from mgrpo_jax.train.decoupled import _SubSettings, sub_batch
-    from mgrpo_jax.train.mgrpo import compute_rewards
+    from mgrpo_jax.train.mgrpo import aligned_sub_segments, compute_rewards
     from mgrpo_jax.train.store import QueryGroup, groups_from_rollouts
     from rollout_fixtures import world_and_questions
     from test_controller import _controller, _main_script, _sub_script
@@ -161,20 +160,16 @@ def test_sub_batch_from_store_records_equals_the_single_program_batch():
     tok = tokenizer()
     qs = [q.question for q in world_and_questions()[1][:2]]
     ctrl, _ = _controller(ScriptedPolicy(tok, _main_script({})), ScriptedPolicy(tok, _sub_script, version=2))
-    k_n, step, max_len = 3, 3, 2048
+    k_n, step = 3, 3
     rollouts = ctrl.run(qs, k_n, jax.random.key(0))
     main_r, sub_r, _ = compute_rewards(rollouts, ["x", "y"], k_n, RewardConfig())
-    settings = _SubSettings(2, k_n, 2, AlignmentConfig(d_max=2), "per_query", dict(scale="std", eps=1e-6, ddof=0),
-                            max_len, 0, 0)
+    settings = _SubSettings(2, k_n, 2, AlignmentConfig(d_max=2), "per_query", dict(scale="std", eps=1e-6, ddof=0), 0)
 
     # The single-program loop's construction (train/mgrpo.py), from the rollouts themselves.
-    alignment = align(rollouts.sub_counts, 2, settings.alignment, np.random.default_rng([0, step]))
-    valid = alignment.valid
-    aligned = np.where(valid, sub_r[np.where(valid, alignment.index, 0)], 0.0)
-    _, adv = mgrpo_advantages(main_r, aligned, valid, sub_group="per_query", scale="std", eps=1e-6, ddof=0)
-    expected = build_batch([rollouts.sub[i] if i >= 0 else None for i in alignment.index.reshape(-1)],
-                           np.asarray(adv).reshape(-1), alignment.weight.reshape(-1), max_len, 0)
-    assert np.abs(expected["advantages"]).max() > 0.1  # the sub rewards vary: a wrong grouping shows
+    _, expected, want_metrics = aligned_sub_segments(rollouts.sub_counts, rollouts.sub, sub_r, main_r, 2,
+                                                     settings.alignment, "per_query", settings.adv_opts,
+                                                     np.random.default_rng([0, step]))
+    assert max(abs(s.advantage) for s in expected) > 0.1  # the sub rewards vary: a wrong grouping shows
 
     # Through the store: query 1 of step 3 arrives as query 0 of step 5.
     g0, g1 = groups_from_rollouts("r", 3, rollouts, sub_r, main_r, None, 2)
@@ -183,11 +178,13 @@ def test_sub_batch_from_store_records_equals_the_single_program_batch():
         assert store.write(g0) and store.write(g1)
         claim = store.claim(2, "test")
     assert [g.group_id for g in claim.groups] == ["3:0", "5:0"]
-    batch, metrics = sub_batch(claim.groups, settings, step)
-    assert batch.keys() == expected.keys()
-    for key in expected:
-        np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
-    assert metrics["align/kept"] == alignment.stats["kept"]
+    segments, metrics = sub_batch(claim.groups, settings, step)
+    assert len(segments) == len(expected)
+    for got, want in zip(segments, expected):
+        assert (got.advantage, got.weight) == (want.advantage, want.weight)
+        for field in ("tokens", "loss_mask", "logprobs"):
+            np.testing.assert_array_equal(getattr(got.trajectory, field), getattr(want.trajectory, field), field)
+    assert metrics["align/kept"] == want_metrics["align/kept"]
 
 
 # ------------------------------------------------------------------------------------------- two jobs

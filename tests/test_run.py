@@ -96,7 +96,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     ("agents.main.model.hiden_size", 64, r"agents.main.model: unknown key\(s\) \['hiden_size'\]"),
     ("mode", "solo", r"mgrpo.mode='solo'|mode='solo' is not supported"),
     ("agents.main.mesh", {"devices": 64, "fsdp": 64, "tp": 1}, r"needs 65 devices \(main: 64, sub: 1\)"),
-    ("agents.main.loss.micro_batch_size", 3, r"do not divide into loss.micro_batch_size=3"),
+    ("agents.main.loss.pack_len", 100, r"agents.main.loss.pack_len=100 is shorter than the agent's context limit"),
     ("agents.main.loss.agg", "mean", r"agents.main.loss: .*agg='mean'"),
     ("agents.main.loss.temperature", 0.5, r"differs from agents.main.sampler.temperature"),
     ("task.kind", "web", r"task.kind='web' is not supported"),

@@ -13,7 +13,14 @@ from mgrpo_jax.kernels.advantages import (
     mgrpo_advantages,
 )
 from mgrpo_jax.kernels.logprobs import chunked_token_logprobs, token_entropy, token_logprobs
-from mgrpo_jax.kernels.policy_loss import AGG_MODES, KL_KINDS, aggregate_loss, kl_estimate, policy_loss
+from mgrpo_jax.kernels.policy_loss import (
+    AGG_MODES,
+    KL_KINDS,
+    aggregate_denominator,
+    aggregate_loss,
+    kl_estimate,
+    policy_loss,
+)
 
 __all__ = [
     "AGG_MODES",
@@ -21,6 +28,7 @@ __all__ = [
     "SCALES",
     "SUB_GROUPS",
     "GroupStats",
+    "aggregate_denominator",
     "aggregate_loss",
     "chunked_token_logprobs",
     "group_relative_advantages",

@@ -6,7 +6,8 @@ rows), prompts are left-padded to the smallest of a few static `prompt_buckets`,
 longer than the largest bucket is left-truncated or rejected, per `overflow`, never given a new shape.
 
 Log-probs are returned under the exact distribution sampled from: softmax(logits / temperature), restricted
-to the top-k / top-p set when those are on. With top-k and top-p off (the RL default), they equal what the
+to the top-k / top-p set when those are on; greedy decoding (temperature 0) picks each token with probability
+1, so its log-probs are 0 and it skips the softmax and the random keys altogether. With top-k and top-p off (the RL default), they equal what the
 trainer recomputes with `token_logprobs(..., temperature=temperature)` (LESSONS.md, item 8).
 
 Weights are arguments: pass the trainer's current parameters (`nnx.State`) and nothing is copied.
@@ -184,10 +185,11 @@ class Sampler:
         eos = jnp.asarray(cfg.eos_ids or (_NO_TOKEN,), jnp.int32)
         window_len = table.shape[1]
 
+        greedy = cfg.temperature == 0
+
         def sample(logits, key):
-            if cfg.temperature == 0:
-                token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-                return token, jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], -1)[:, 0]
+            if greedy:  # no key, no softmax: the greedy policy picks its token with probability 1 (log-prob 0)
+                return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[:1], jnp.float32)
             z = filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)
             token = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
             return token, jnp.take_along_axis(jax.nn.log_softmax(z), token[:, None], axis=-1)[:, 0]
@@ -198,7 +200,9 @@ class Sampler:
 
         def body(state):
             step, logits, cache, done, out_tok, out_lp, count, finish, window, rng = state
-            rng, key = jax.random.split(rng)
+            key = None
+            if not greedy:
+                rng, key = jax.random.split(rng)
             token, logp = sample(logits, key)
             token = jnp.where(done, cfg.pad_id, token)
             out_tok = out_tok.at[:, step].set(token)

@@ -46,12 +46,11 @@ import numpy as np
 
 from mgrpo_jax import checkpoint as ckpt_lib
 from mgrpo_jax.experiment import build_experiment, make
-from mgrpo_jax.kernels import mgrpo_advantages
 from mgrpo_jax.metrics import MetricsWriter
 from mgrpo_jax.sharding import initialize_distributed
-from mgrpo_jax.train.alignment import AlignmentConfig, align
-from mgrpo_jax.train.batch import build_batch
-from mgrpo_jax.train.mgrpo import _zero_variance_fraction
+from mgrpo_jax.train.alignment import AlignmentConfig
+from mgrpo_jax.train.batch import Segment
+from mgrpo_jax.train.mgrpo import aligned_sub_segments
 from mgrpo_jax.train.service import GenerationService, RemoteSubPolicy, ServiceUnavailableError, tokenizer_fingerprint
 from mgrpo_jax.train.store import (Claim, QueryGroup, StoreUnavailableError, TrajectoryStore, groups_from_rollouts,
                                    min_version_for, open_store)
@@ -244,14 +243,12 @@ class _SubSettings:
     alignment: AlignmentConfig
     sub_group: str
     adv_opts: dict
-    max_len: int
-    pad_id: int
     seed: int
 
 
-def sub_batch(groups: list[QueryGroup], s: _SubSettings, step: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Claimed query groups -> the sub-agent's fixed-shape batch [Q * K * D_max rows] and metrics: the same
-    alignment and per-agent advantages as the single-program loop (train/mgrpo.py), query by query."""
+def sub_batch(groups: list[QueryGroup], s: _SubSettings, step: int) -> tuple[list[Segment], dict[str, float]]:
+    """Claimed query groups -> the sub-agent's segments (to pack) and metrics: the same alignment and per-agent
+    advantages as the single-program loop (train/mgrpo.py), query by query."""
     for g in groups:
         if g.num_rollouts != s.num_rollouts:
             raise ValueError(f"query group {g.run}/{g.group_id} has {g.num_rollouts} rollouts but this job's "
@@ -264,29 +261,21 @@ def sub_batch(groups: list[QueryGroup], s: _SubSettings, step: int) -> tuple[dic
             traj.query = q  # position in this batch (the record keeps the main job's ids)
             trajectories.append(traj)
             rewards.append(record.reward)
-    sub_r = np.asarray(rewards, np.float32)
-    alignment = align(counts, s.d_max, s.alignment, np.random.default_rng([s.seed, step]))
-    valid = alignment.valid
-    aligned = np.where(valid, sub_r[np.where(valid, alignment.index, 0)] if len(sub_r) else 0.0, 0.0)
     # Only the sub advantages are used; the main agent's rewards do not enter them (per-agent normalization).
-    _, adv = mgrpo_advantages(np.zeros(counts.shape, np.float32), aligned, valid, sub_group=s.sub_group,
-                              **s.adv_opts)
-    flat = alignment.index.reshape(-1)
-    batch = build_batch([trajectories[i] if i >= 0 else None for i in flat], np.asarray(adv).reshape(-1),
-                        alignment.weight.reshape(-1), s.max_len, s.pad_id)
-    metrics = {f"align/{k}": float(v) for k, v in alignment.stats.items()}
-    metrics["sub/zero_variance_frac"] = _zero_variance_fraction(aligned, valid, s.sub_group)
-    metrics["sub/reward_mean"] = float(sub_r.mean()) if len(sub_r) else 0.0
+    _, segments, metrics = aligned_sub_segments(counts, trajectories, rewards, np.zeros(counts.shape, np.float32),
+                                                s.d_max, s.alignment, s.sub_group, s.adv_opts,
+                                                np.random.default_rng([s.seed, step]))
+    metrics["sub/reward_mean"] = float(np.mean(rewards)) if rewards else 0.0
     metrics["sub/calls_per_rollout"] = float(counts.mean())
-    return batch, metrics
+    return segments, metrics
 
 
-def _sub_settings(config, tokenizer) -> _SubSettings:
+def _sub_settings(config) -> _SubSettings:
     m = config.mgrpo
     alignment = make(AlignmentConfig, m.alignment, "mgrpo.alignment")
     return _SubSettings(int(m.num_queries), int(m.num_rollouts), int(alignment.d_max), alignment, str(m.sub_group),
                         dict(scale=m.advantage_scale, eps=float(m.advantage_eps), ddof=int(m.advantage_ddof)),
-                        int(config.controller.max_sub_context), int(tokenizer.pad_token_id), int(config.seed))
+                        int(config.seed))
 
 
 def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str, float]:
@@ -302,7 +291,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
         raise ValueError("config agents.sub.loss.tis_cap is None: the decoupled sub job trains on records sampled "
                          "by earlier versions of its policy, so it needs truncated importance sampling; set it "
                          "(e.g. 2.0; configs/decoupled_cpu.py does)")
-    s = _sub_settings(config, exp.tokenizer)
+    s = _sub_settings(config)
 
     # -- checkpoint -------------------------------------------------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(role_dir, ["sub"],
@@ -382,9 +371,9 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
                 if len(groups) < s.num_queries:
                     break  # stopping; the claims of a partial batch return to the queue after their timeout
                 t1 = time.perf_counter()
-                batch, metrics = sub_batch(groups, s, step)
+                segments, metrics = sub_batch(groups, s, step)
                 versions = np.array([r.policy_version for g in groups for r in g.records] or [trainer.version])
-                update = trainer.update(batch)
+                update = trainer.update(trainer.pack(segments))
                 service.set_weights(trainer.params, trainer.version)
                 step += 1
                 unacked += claims
