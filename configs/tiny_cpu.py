@@ -50,7 +50,9 @@ def get_config() -> ConfigDict:
     c.protocol = ConfigDict({"delegate": "delegate", "answer": "answer", "search": "search", "read": "read",
                              "result": "result", "observation": "information"})
     c.controller = ConfigDict({"max_main_turns": 4, "max_sub_turns": 3, "max_delegations": 2,
-                               "max_main_context": 512, "max_sub_context": 512, "max_observation_tokens": 64})
+                               "max_main_context": 512, "max_sub_context": 512, "max_observation_tokens": 64,
+                               # stop when more than this share of a tool's calls in a step fail (outage)
+                               "max_tool_failure_rate": 0.5})
     c.agents = ConfigDict({"main": agent(), "sub": agent()})
     c.mgrpo = ConfigDict({
         "num_queries": 4, "num_rollouts": 4,

@@ -132,7 +132,7 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     `train.service.RemoteSubPolicy`), and a loop that trains the main agent alone; "sub" builds the sub-agent
     and its trainer only (`controller` and `loop` are None).
     """
-    from mgrpo_jax.data.task import load_task
+    from mgrpo_jax.data.task import check_tools, load_task
 
     if role not in ROLES:
         raise ValueError(f"role={role!r}; choose one of {list(ROLES)}")
@@ -152,6 +152,8 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     protocol = make(ProtocolConfig, config.get("protocol", {}), "protocol")
     controller_cfg = make(ControllerConfig, config.controller, "controller")
     data = load_task(config, workdir, protocol)
+    if job != "sub":  # one real call per tool, before any model is built: a dead retriever stops the run here
+        check_tools(config.task, data.tools)
     tokenizer = data.tokenizer
 
     roles = ["main"] if mode == "single_agent" else ["main", "sub"]
@@ -196,6 +198,10 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
         if trains:
             optimizer = make(OptimizerConfig, agent_cfg.optimizer, f"{where}.optimizer")
             loss = make(LossConfig, agent_cfg.loss, f"{where}.loss")
+            if not sampler_cfg.temperature > 0:  # greedy rollouts: every group has zero variance, no gradient
+                raise ValueError(f"config {where}.sampler.temperature={sampler_cfg.temperature}: a training agent "
+                                 "must sample (temperature > 0, e.g. 1.0); greedy decoding gives identical rollouts, "
+                                 "zero advantages and no update. (Evaluation decodes greedily on its own.)")
             if loss.temperature != sampler_cfg.temperature and sampler_cfg.temperature > 0:
                 raise ValueError(f"config {where}.loss.temperature={loss.temperature} differs from {where}.sampler."
                                  f"temperature={sampler_cfg.temperature}: the trainer must score tokens under the "

@@ -106,12 +106,17 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Closes both outputs even if one fails (a full disk); raises the first error. Idempotent."""
+        outputs, self._jsonl, self._tb = (self._jsonl, self._tb), None, None
+        errors = []
+        for output in outputs:
+            if output is not None:
+                try:
+                    output.close()
+                except Exception as e:  # noqa: BLE001 - close the other one first
+                    errors.append(e)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> MetricsWriter:
         return self
