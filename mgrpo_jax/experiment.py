@@ -17,6 +17,7 @@ import jax
 from flax import nnx
 
 from mgrpo_jax import sharding
+from mgrpo_jax.multihost import BroadcastToolSet
 from mgrpo_jax.models import ModelConfig, init_model
 from mgrpo_jax.rollout.controller import Controller, ControllerConfig, SamplerPolicy, TextCodec, ToolSet
 from mgrpo_jax.rollout.protocol import ProtocolConfig
@@ -222,6 +223,8 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     if job == "main":
         trainers = {"main": trainers["main"]}
     tools = ToolSet(data.tools)
+    if jax.process_count() > 1:  # one truth across hosts: process 0 runs the tools, every process sees its results
+        tools = BroadcastToolSet(tools)
     controller = Controller(
         config=controller_cfg, codec=TextCodec(tokenizer, controller_cfg.max_observation_tokens),
         main_policy=agents["main"].policy,

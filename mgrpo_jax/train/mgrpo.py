@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from mgrpo_jax.kernels import SCALES, SUB_GROUPS, group_relative_advantages, group_statistics, mgrpo_advantages
+from mgrpo_jax.multihost import check_agreement, digest, rollout_digest
 from mgrpo_jax.rollout.controller import Controller, RolloutBatch
 from mgrpo_jax.rollout.rewards import RewardConfig, group_rewards
 from mgrpo_jax.train.agent import AgentTrainer
@@ -118,9 +119,13 @@ class MGRPOTrainer:
             raise ValueError(f"{len(questions)} questions but {len(golds)} gold answers")
         rng = jax.random.fold_in(jax.random.key(cfg.seed), self.step_count)
         timings = {}
+        # Multi-controller runs: every process must hold the same questions, then the same rollouts (a no-op
+        # with one process; see mgrpo_jax.multihost).
+        check_agreement(f"the questions of step {self.step_count}", digest(list(questions), list(golds)))
         t0 = time.perf_counter()
         rollouts = self.controller.run(questions, k_n, rng)
         timings["time/rollout_s"] = time.perf_counter() - t0
+        check_agreement(f"the rollouts' token records of step {self.step_count}", rollout_digest(rollouts))
 
         t0 = time.perf_counter()
         main_r, sub_r, reward_means = compute_rewards(rollouts, golds, k_n, cfg.rewards)
