@@ -12,7 +12,7 @@ from mgrpo_jax.kernels.advantages import (
     group_statistics,
     mgrpo_advantages,
 )
-from mgrpo_jax.kernels.logprobs import chunked_token_logprobs, token_entropy, token_logprobs
+from mgrpo_jax.kernels.logprobs import chunked_token_logprobs, filter_logits, token_entropy, token_logprobs
 from mgrpo_jax.kernels.policy_loss import (
     AGG_MODES,
     KL_KINDS,
@@ -31,6 +31,7 @@ __all__ = [
     "aggregate_denominator",
     "aggregate_loss",
     "chunked_token_logprobs",
+    "filter_logits",
     "group_relative_advantages",
     "group_statistics",
     "kl_estimate",
