@@ -161,3 +161,21 @@ def filtered_token_entropy(logits, temperature=1.0, top_k=0, top_p=1.0):
     keep = filter_keep(logits, temperature, top_k, top_p)
     lp = log_softmax(np.where(keep, z, -np.inf))
     return -np.where(keep, np.exp(lp) * np.where(keep, lp, 0.0), 0.0).sum(axis=-1)
+
+
+def grouped_advantages(rewards, group_ids, mask=None, scale="std", eps=1e-6, ddof=0):
+    """Loops over the distinct ids of the valid entries; each id's valid entries are one group."""
+    r = np.asarray(rewards, np.float64)
+    ids = np.asarray(group_ids)
+    m = np.ones(r.shape, bool) if mask is None else np.asarray(mask) != 0
+    out = np.zeros(r.shape, np.float64)
+    for g in sorted(set(ids[m].tolist())):
+        members = [i for i in np.ndindex(r.shape) if m[i] and ids[i] == g]
+        values = np.array([r[i] for i in members])
+        if np.all(values == values[0]):
+            continue
+        mean = values.mean()
+        std = values.std(ddof=ddof) if len(values) > ddof else 0.0
+        for i in members:
+            out[i] = (r[i] - mean) / (std + eps) if scale == "std" else r[i] - mean
+    return out

@@ -10,7 +10,11 @@ from mgrpo_jax.kernels.advantages import (
     GroupStats,
     group_relative_advantages,
     group_statistics,
+    grouped_advantages,
+    grouped_statistics,
     mgrpo_advantages,
+    sub_advantages,
+    sub_group_ids,
 )
 from mgrpo_jax.kernels.logprobs import chunked_token_logprobs, filter_logits, token_entropy, token_logprobs
 from mgrpo_jax.kernels.policy_loss import (
@@ -34,9 +38,13 @@ __all__ = [
     "filter_logits",
     "group_relative_advantages",
     "group_statistics",
+    "grouped_advantages",
+    "grouped_statistics",
     "kl_estimate",
     "mgrpo_advantages",
     "policy_loss",
+    "sub_advantages",
+    "sub_group_ids",
     "token_entropy",
     "token_logprobs",
 ]
