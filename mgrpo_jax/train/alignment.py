@@ -28,6 +28,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import functools
+
+import jax
 import numpy as np
 
 from mgrpo_jax.kernels import grouped_statistics, sub_advantages, sub_group_ids
@@ -166,6 +169,15 @@ def align(counts, d_max: int, config: AlignmentConfig, rng: np.random.Generator,
                      {k: int(v) for k, v in stats.items()})
 
 
+@functools.partial(jax.jit, static_argnames=("sub_group", "scale", "eps", "ddof"))
+def _sub_slot_kernel(rewards, valid, call_index, borrowed, *, sub_group, scale, eps, ddof):
+    """One program per batch shape: the slots' advantages, and each sub group's count and zero-variance flag."""
+    groups = dict(sub_call_index=call_index, sub_borrowed=borrowed)
+    advantages = sub_advantages(rewards, valid, sub_group=sub_group, scale=scale, eps=eps, ddof=ddof, **groups)
+    stats = grouped_statistics(rewards, *sub_group_ids(sub_group, valid, **groups))
+    return advantages, stats.count, stats.zero_variance
+
+
 @dataclasses.dataclass(frozen=True)
 class SubSlots:
     """The sub-agent's side of one batch, [Q, K, D] per slot, ready for the batch builder.
@@ -209,13 +221,11 @@ def align_sub_slots(counts, sub_rewards, d_max: int, config: AlignmentConfig, rn
     valid = alignment.valid
     rewards = np.where(valid, sub_rewards[np.where(valid, alignment.index, 0)] if len(sub_rewards) else 0.0, 0.0)
     rewards = rewards.astype(np.float32)
-    groups = dict(sub_call_index=alignment.call_index, sub_borrowed=alignment.borrowed)
-    advantages = np.asarray(sub_advantages(rewards, valid, sub_group=sub_group, scale=scale, eps=eps, ddof=ddof,
-                                           **groups))
-    ids, mask = sub_group_ids(sub_group, valid, **groups)
-    stats = grouped_statistics(rewards, ids, mask)
-    nonempty = np.asarray(stats.count) > 0
-    zero_var = float(np.asarray(stats.zero_variance)[nonempty].mean()) if nonempty.any() else 0.0
+    advantages, count, zero_variance = jax.device_get(_sub_slot_kernel(
+        rewards, valid, alignment.call_index, alignment.borrowed, sub_group=sub_group, scale=scale, eps=eps,
+        ddof=ddof))
+    nonempty = count > 0
+    zero_var = float(zero_variance[nonempty].mean()) if nonempty.any() else 0.0
     metrics = {f"align/{k}": float(v) for k, v in alignment.stats.items()}
     metrics.update({"align/d_max": float(d_max), "sub/zero_variance_frac": zero_var})
     return SubSlots(alignment, rewards, advantages, alignment.weight, metrics)
