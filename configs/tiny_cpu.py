@@ -22,7 +22,9 @@ def agent(hidden: int = 64, layers: int = 2, devices: int = 1) -> ConfigDict:
         "optimizer": {"learning_rate": 1e-4, "schedule": "constant", "warmup_steps": 0, "total_steps": 1000,
                       "b1": 0.9, "b2": 0.98, "weight_decay": 0.1, "max_grad_norm": 1.0},
         "loss": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0, "agg": "seq-mean-token-mean",
-                 "kl_coef": 0.0, "kl_kind": "k3", "entropy_coef": 0.0, "temperature": 1.0, "chunk_size": 512,
+                 "kl_coef": 0.0, "kl_kind": "k3", "entropy_coef": 0.0, "chunk_size": 512,
+                 # The sampler's distribution, which the trainer rescores under (must equal agents.<role>.sampler's).
+                 "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                  "ppo_epochs": 1,
                  # Trajectories are packed into rows of pack_len tokens (0: the agent's context limit), and
                  # micro_batch_size rows make one micro-batch; a step uses as many micro-batches as it needs.

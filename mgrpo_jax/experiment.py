@@ -203,10 +203,11 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
                 raise ValueError(f"config {where}.sampler.temperature={sampler_cfg.temperature}: a training agent "
                                  "must sample (temperature > 0, e.g. 1.0); greedy decoding gives identical rollouts, "
                                  "zero advantages and no update. (Evaluation decodes greedily on its own.)")
-            if loss.temperature != sampler_cfg.temperature and sampler_cfg.temperature > 0:
-                raise ValueError(f"config {where}.loss.temperature={loss.temperature} differs from {where}.sampler."
-                                 f"temperature={sampler_cfg.temperature}: the trainer must score tokens under the "
-                                 "distribution they were sampled from (set both to the same value)")
+            for key in ("temperature", "top_k", "top_p"):
+                if getattr(loss, key) != getattr(sampler_cfg, key) and sampler_cfg.temperature > 0:
+                    raise ValueError(f"config {where}.loss.{key}={getattr(loss, key)} differs from {where}.sampler."
+                                     f"{key}={getattr(sampler_cfg, key)}: the trainer must score tokens under the "
+                                     "distribution they were sampled from (set both to the same value)")
             ref = jax.tree.map(lambda x: x.copy(), params) if loss.kl_coef else None
             row_len = pack_length(loss, context[role], where)
             trainer = AgentTrainer(role, graphdef, params, shardings, optimizer, loss, row_len=row_len,
