@@ -1,8 +1,8 @@
 """The decoupled mode: the sub-agent generation service, failed delegations when it is down, and two real jobs
-(launch/train.py --role main / --role sub) over SQLite and over a real redis-server, with a SIGKILLed sub job."""
+(launch/train.py --role main / --role sub) over SQLite and over a real Redis-compatible server (tests/redis_server.py),
+with a SIGKILLed sub job."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +23,7 @@ from mgrpo_jax.rollout.protocol import ProtocolConfig
 from mgrpo_jax.rollout.sampler import Sampler, SamplerConfig
 from mgrpo_jax.train.service import GenerationService, RemoteSubPolicy, ServiceUnavailableError
 from mgrpo_jax.train.store import open_store
+from redis_server import start_redis_server
 from rollout_fixtures import ScriptedPolicy, tokenizer, tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,24 +314,9 @@ def test_two_jobs_over_sqlite_with_each_job_killed_and_restarted(tmp_path):
 
 @pytest.fixture
 def redis_url(tmp_path):
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed, so the decoupled Redis test cannot run: apt-get install -y "
-                    "redis-server (.ci/run installs it from Debian)")
-    port = _free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
-            time.sleep(0.1)
-    yield f"redis://127.0.0.1:{port}/0?namespace=decoupled-test"
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = start_redis_server(tmp_path)
+    yield f"{server.url}?namespace=decoupled-test"
+    server.kill()
 
 
 def test_two_jobs_over_redis_with_the_sub_job_dying_between_checkpoint_and_ack(tmp_path, redis_url):
