@@ -311,6 +311,7 @@ def test_openai_client_models_text_usage_and_token_exact_choices(sampler_and_par
     out = client.completions.create(model=MODEL, prompt=prompts, n=2, seed=7, max_tokens=6)
     local = _local(sampler, params, [prompts[0], prompts[0], prompts[1], prompts[1]], 7)
     assert [c.token_ids for c in out.choices] == [s.tokens.tolist() for s in local]
+    assert [c.text for c in out.choices] == [tok.decode(s.tokens.tolist(), skip_special_tokens=True) for s in local]
     assert all(c.logprobs is None for c in out.choices)
     assert out.usage.prompt_tokens == 5
 

@@ -173,7 +173,7 @@ class GenerationService:
     def __init__(self, sampler, params, version: int, *, host: str = "127.0.0.1", port: int = 0,
                  batch_window_s: float = 0.005, request_timeout_s: float = 300.0, info: dict | None = None,
                  tokenizer=None, model_name: str = "mgrpo_jax-sub", client_timeout_s: float = 30.0,
-                 max_body_bytes: int = 64 << 20, max_request_rows: int = 4096):
+                 max_body_bytes: int = 64 << 20, max_request_rows: int = 65536):
         self.sampler = sampler
         self.batch_window_s, self.request_timeout_s = batch_window_s, request_timeout_s
         self.client_timeout_s, self.max_body_bytes, self.max_request_rows = client_timeout_s, max_body_bytes, \
@@ -731,7 +731,7 @@ class _Choice:
 
     tokens: list[int]
     logprobs: list[float]
-    pieces: list[str]  # "".join(pieces) == text; piece i is the text that token i completes
+    pieces: list[str]  # "".join(pieces) == text; piece i: the text token i completes (when stream/logprobs/stop)
     token_strings: list[str]
     finish_reason: str
 
@@ -745,7 +745,11 @@ class _Choice:
         reason = "length" if sample.finish_reason == "length" else "stop"
         if len(tokens) > req.max_tokens:  # the sampler always decodes to max_new_tokens; the request wants fewer
             tokens, logprobs, reason = tokens[:req.max_tokens], logprobs[:req.max_tokens], "length"
-        pieces = _text_pieces(tokens, tokenizer)
+        if req.stream or req.logprobs is not None or req.stop:
+            pieces = _text_pieces(tokens, tokenizer)
+        else:  # only the whole text is needed
+            text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
+            pieces = [text] + [""] * (len(tokens) - 1)
         if req.stop:  # OpenAI's stop strings end the text before them; the tokens up to the one completing it stay
             text, longest = "", max(len(s) for s in req.stop)
             for i, piece in enumerate(pieces):
@@ -761,8 +765,8 @@ class _Choice:
                         if not excess:
                             break
                     break
-        strings = [tokenizer.decode([t], skip_special_tokens=False) for t in tokens] if tokenizer else \
-            [""] * len(tokens)
+        strings = [tokenizer.decode([t], skip_special_tokens=False) for t in tokens] \
+            if tokenizer is not None and req.logprobs is not None else [""] * len(tokens)
         return cls(tokens, logprobs, pieces, strings, reason)
 
     def json(self, index: int, with_logprobs: bool, pos: int | None = None, last: bool = True) -> dict:
@@ -921,7 +925,7 @@ class RemoteSubPolicy:
         """Best effort: the service's current version (unchanged when it is down)."""
         try:
             self.health(deadline_s=min(5.0, self.deadline_s))
-        except ServiceUnavailableError:
+        except GenerationUnavailableError:
             pass
         return self.version
 
