@@ -135,8 +135,8 @@ def _token_ids(value, where: str, vocab_size: int, param: str) -> list[int]:
 
 
 def _listify(value):
-    """Tuples and NumPy arrays (Python callers) -> lists, element by element; anything else unchanged."""
-    if isinstance(value, np.ndarray):
+    """Tuples and NumPy arrays and scalars (Python callers) -> lists and ints; anything else unchanged."""
+    if isinstance(value, (np.ndarray, np.generic)):
         return value.tolist()
     if isinstance(value, (list, tuple)):
         return [_listify(v) for v in value]
