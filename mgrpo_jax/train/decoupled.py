@@ -48,11 +48,12 @@ import numpy as np
 from mgrpo_jax import checkpoint as ckpt_lib
 from mgrpo_jax.experiment import build_experiment, make
 from mgrpo_jax.metrics import MetricsWriter
+from mgrpo_jax.rollout.controller import GenerationUnavailableError
 from mgrpo_jax.sharding import initialize_distributed
 from mgrpo_jax.train.alignment import AlignmentConfig
 from mgrpo_jax.train.batch import Segment
 from mgrpo_jax.train.mgrpo import aligned_sub_segments
-from mgrpo_jax.train.service import GenerationService, RemoteSubPolicy, ServiceUnavailableError
+from mgrpo_jax.train.service import GenerationService, RemoteSubPolicy
 from mgrpo_jax.train.store import (Claim, QueryGroup, StoreUnavailableError, TrajectoryStore, groups_from_rollouts,
                                    min_version_for, open_store)
 
@@ -143,7 +144,7 @@ def run_main(config, workdir: str, *, stop_after: int | None = None) -> dict[str
     try:
         remote.health()
         logger.info("sub-agent service %s is up (policy version %d)", settings.url, remote.version)
-    except ServiceUnavailableError as err:
+    except GenerationUnavailableError as err:  # down, or answering garbage: each generation call retries
         logger.warning("%s; rollouts go on, their delegations fail until the service is up", err)
     store = open_store(settings.store(workdir))
     rewards = exp.loop.config.rewards
@@ -340,6 +341,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
             claim = store.claim(s.num_queries - len(groups), consumer, visibility_timeout_s=settings.claim_timeout_s,
                                 min_policy_version=min_version_for(trainer.version, settings.max_staleness))
             if not claim.groups:
+                service.check()
                 if settings.idle_exit_s and time.monotonic() - last_new > settings.idle_exit_s:
                     logger.warning("no new query group for %.0fs (decoupled.idle_exit_s); stopping",
                                    settings.idle_exit_s)
