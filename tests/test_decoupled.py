@@ -219,7 +219,10 @@ def _check_exactly_once(store_url, main_rows, sub_rows):
     for r in sub_rows:  # the sub-agent really trained on the records: rewards vary, so gradients flow
         assert r["decoupled/groups_trained"] == 2 and np.isfinite(r["sub/loss"])
         assert r["sub/zero_variance_frac"] < 1 and r["sub/grad_norm"] > 0, r
-    assert main_rows[-1]["main/policy_version"] == STEPS
+    # Every step either updated the main agent or counted its update as skipped (all-equal main rewards give no
+    # loss token: the scripted delegations do not make the random main agent answer well).
+    skipped = sum(r["main/skipped_empty"] for r in main_rows)
+    assert main_rows[-1]["main/policy_version"] + skipped == STEPS, (main_rows[-1]["main/policy_version"], skipped)
     # The main job saw the sub-agent's versions move (weights handed to the service after each update).
     assert max(r["decoupled/sub_policy_version"] for r in main_rows) >= 1
 
