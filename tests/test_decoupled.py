@@ -85,9 +85,8 @@ def test_sub_batch_from_store_records_equals_the_single_program_batch():
     settings = _SubSettings(2, k_n, 2, AlignmentConfig(d_max=2), "per_query", dict(scale="std", eps=1e-6, ddof=0), 0)
 
     # The single-program loop's construction (train/mgrpo.py), from the rollouts themselves.
-    _, expected, want_metrics = aligned_sub_segments(rollouts.sub_counts, rollouts.sub, sub_r, main_r, 2,
-                                                     settings.alignment, "per_query", settings.adv_opts,
-                                                     np.random.default_rng([0, step]))
+    expected, want_metrics = aligned_sub_segments(rollouts.sub_counts, rollouts.sub, sub_r, 2, settings.alignment,
+                                                  "per_query", settings.adv_opts, np.random.default_rng([0, step]))
     assert max(abs(s.advantage) for s in expected) > 0.1  # the sub rewards vary: a wrong grouping shows
 
     # Through the store: query 1 of step 3 arrives as query 0 of step 5.

@@ -109,7 +109,8 @@ def make_group(run, step, query, counts, version=0, rng=None, length=(40, 120)) 
                                      prompt_len=prompt, tokens=tokens, loss_mask=(np.arange(n) >= prompt),
                                      logprobs=logprobs, reward=float(rng.random()), main_reward=1.1,
                                      main_correct=float(k % 2), format_ok=bool(rng.random() > 0.2),
-                                     judge_score=0.25, finish_reason="result", turns=((prompt, n),)))
+                                     judge_score=0.25, finish_reason="result", turns=((prompt, n),),
+                                     infra_failures=int(k == 1)))
     return QueryGroup(run, step, query, counts, records, version)
 
 
@@ -130,6 +131,9 @@ def test_serialization_is_bit_exact():
     # ~9 bytes per token plus a small header: compact.
     tokens = sum(len(r.tokens) for r in g.records)
     assert len(encode_group(g)) < 9 * tokens + 400 * len(g.records) + 200
+    assert [r.infra_failures for r in back.records] == [0, 0, 0] and back.records[1].rollout == 0
+    g2 = make_group("run", 3, 1, [0, 2])
+    assert [r.infra_failures for r in decode_group(encode_group(g2)).records] == [1, 1]  # outage marks travel
     with pytest.raises(ValueError, match="not a trajectory-store group"):
         decode_group(b"XXXX" + encode_group(g)[4:])
     with pytest.raises(ValueError, match="corrupt"):

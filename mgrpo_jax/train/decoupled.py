@@ -262,8 +262,8 @@ def sub_batch(groups: list[QueryGroup], s: _SubSettings, step: int) -> tuple[lis
             traj.query = q  # position in this batch (the record keeps the main job's ids)
             trajectories.append(traj)
             rewards.append(record.reward)
-    # A failed generation (the service was down) is an outage, not the sub-agent's doing: no learning signal.
-    excluded = np.array([t.finish_reason == "generation_failed" for t in trajectories], bool)
+    # An outage (a failed generation, a dead tool in this record's rollout) is not the agents' doing: no signal.
+    excluded = np.array([t.infra_failures > 0 or t.finish_reason == "generation_failed" for t in trajectories], bool)
     segments, metrics = aligned_sub_segments(counts, trajectories, rewards, s.d_max, s.alignment, s.sub_group,
                                              s.adv_opts, np.random.default_rng([s.seed, step]), excluded=excluded)
     metrics["sub/reward_mean"] = float(np.mean(rewards)) if rewards else 0.0
