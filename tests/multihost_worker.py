@@ -1,14 +1,15 @@
 """One process of the two-process M-GRPO test in test_multihost.py (run as a script, never collected).
 
     MGRPO_COORDINATOR=127.0.0.1:<port> MGRPO_NUM_PROCESSES=2 MGRPO_PROCESS_ID=<i> \
-        python tests/multihost_worker.py <out_dir> broadcast|local
+        python tests/multihost_worker.py <out_dir> broadcast|local|decoupled
 
 Each process has 2 fake CPU devices; both agents time-share one mesh over the 4 global devices. The search
 tool deliberately answers differently on each host (it names its host in every observation), as a flaky
 retriever or per-host files would. With `broadcast` the tools run through `BroadcastToolSet` (process 0 runs
 them, every process gets its outcomes); with `local` each process uses its own tools. Two M-GRPO co-training
 steps run; the process writes `<out_dir>/result_<i>.json`: the rollouts' digests, whether the observations name
-host 0, a hash of the updated parameters, or the DivergenceError that stopped it.
+host 0, a hash of the updated parameters, or the DivergenceError that stopped it. `decoupled` only checks that
+a decoupled role refuses to start in a multi-process job.
 """
 import os
 import sys
@@ -55,6 +56,18 @@ def main(out_dir: str, mode: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     assert sharding.initialize_distributed()
     pid = jax.process_index()
+    if mode == "decoupled":  # a decoupled role started as a multi-process job must refuse, naming the fix
+        from ml_collections import ConfigDict
+
+        from mgrpo_jax.train.decoupled import _initialize_single_process
+        try:
+            _initialize_single_process(ConfigDict({"distributed": None}))
+            error = None
+        except ValueError as e:
+            error = str(e)
+        with open(os.path.join(out_dir, f"result_{pid}.json"), "w") as f:
+            json.dump({"error": error}, f)
+        return
     tok = tokenizer()
     world, _ = world_and_questions()
     runner = ToolSet({**tools(), "search": HostSearch(world.documents)})

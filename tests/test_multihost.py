@@ -35,6 +35,12 @@ def test_per_host_tool_results_stop_the_run_with_the_divergence_named(tmp_path):
         assert "process(es) [1] disagree with process 0" in r["error"]
 
 
+def test_decoupled_roles_refuse_a_multi_process_job(tmp_path):
+    # The generation service would run the sampler on one host only and hang the others.
+    for r in _run(tmp_path, "decoupled"):
+        assert r["error"] and "single-process jobs" in r["error"] and "--role all" in r["error"]
+
+
 def test_agreement_checks_are_no_ops_in_one_process():
     check_agreement("anything", digest("only one process"))  # no collective, no error
     assert digest([1, 2]) != digest([2, 1]) and digest({"a": 1}) == digest({"a": 1})

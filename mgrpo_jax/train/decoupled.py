@@ -43,6 +43,7 @@ import threading
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from mgrpo_jax import checkpoint as ckpt_lib
@@ -136,7 +137,7 @@ def run_main(config, workdir: str, *, stop_after: int | None = None) -> dict[str
     remote = RemoteSubPolicy(settings.url, max_new_tokens=int(sub_sampler.max_new_tokens),
                              max_prompt_tokens=int(sub_sampler.prompt_buckets[-1]),
                              deadline_s=settings.service_timeout_s, request_timeout_s=settings.request_timeout_s)
-    initialize_distributed(config.get("distributed", None))
+    _initialize_single_process(config)
     exp = build_experiment(config, role_dir, role="main", sub_policy=remote)
     # Every answer of the service is checked against this tokenizer (ids in its vocabulary, the same vocabulary
     # fingerprint), so a sub job that comes up later with another tokenizer stops this job at its first answer.
@@ -279,12 +280,24 @@ def _sub_settings(config) -> _SubSettings:
                         int(config.seed))
 
 
+def _initialize_single_process(config) -> None:
+    """The decoupled jobs are single-process each: the sub job's HTTP service runs the sampler on whichever
+    thread got the request, which other processes of a multi-controller job would never enter (the program
+    would hang); the main job's rollouts likewise talk to one service. Refuse a multi-process job up front."""
+    initialize_distributed(config.get("distributed", None))
+    if jax.process_count() > 1:
+        raise ValueError(f"the decoupled roles (--role main|sub) run as single-process jobs, but this job has "
+                         f"{jax.process_count()} processes: a generation service on one host cannot drive the "
+                         "other hosts' devices. Run each role on one host (its local devices), or train both agents "
+                         "in one multi-host job (--role all) with meshes that span every process.")
+
+
 def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str, float]:
     """The sub-agent's job: serve generations, and train on claimed query groups until config.total_steps
     updates (or `stop_after` more), SIGTERM, or `decoupled.idle_exit_s` without new groups."""
     settings = decoupled_config(config)
     role_dir = os.path.join(workdir, "sub")
-    initialize_distributed(config.get("distributed", None))
+    _initialize_single_process(config)
     exp = build_experiment(config, role_dir, role="sub")
     agent = exp.agents["sub"]
     trainer = agent.trainer
