@@ -37,7 +37,7 @@ EXTRAS = {
     # launch/repro.py's reward curves (docs/results/*.png).
     "repro": ["matplotlib>=3.8"],
     # Accelerator builds of jax/jaxlib. Documented, not installed by `make` or CI.
-    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2024.2"],  # gcsfs: gs:// workdirs (etils.epath -> fsspec)
     "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
 }
 

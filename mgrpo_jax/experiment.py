@@ -18,6 +18,7 @@ from flax import nnx
 
 from mgrpo_jax import sharding
 from mgrpo_jax.multihost import BroadcastToolSet
+from mgrpo_jax.workdir import check_workdir, scratch_dir
 from mgrpo_jax.models import ModelConfig, init_model
 from mgrpo_jax.rollout.controller import Controller, ControllerConfig, SamplerPolicy, TextCodec, ToolSet
 from mgrpo_jax.rollout.protocol import ProtocolConfig
@@ -138,7 +139,7 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     if role not in ROLES:
         raise ValueError(f"role={role!r}; choose one of {list(ROLES)}")
     job = role  # `role` names each agent below
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     mgrpo_cfg = config.mgrpo
     mode = config.mode
     if job != "all":
@@ -152,7 +153,7 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
             raise ValueError("role='main' needs sub_policy (the remote sub-agent)")
     protocol = make(ProtocolConfig, config.get("protocol", {}), "protocol")
     controller_cfg = make(ControllerConfig, config.controller, "controller")
-    data = load_task(config, workdir, protocol)
+    data = load_task(config, scratch_dir(workdir), protocol)  # generated data: local even for a gs:// run
     if job != "sub":  # one real call per tool, before any model is built: a dead retriever stops the run here
         check_tools(config.task, data.tools)
     tokenizer = data.tokenizer
