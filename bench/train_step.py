@@ -6,8 +6,9 @@
         --set tokenizer.path=/tmp/warm/warm_start/main           # warm-started agents: real delegations
 
 Builds the run exactly as `launch/train.py` does (default configs/tiny_cpu.py), runs `--steps` steps, and prints
-each phase's median time over the steps after the first (which compiles), tokens/s per agent (the agent's
-sampled tokens in its batch / the update phase), and each agent's compile count. Prints; asserts nothing.
+each phase's median time over the steps after the first (which compiles) and, per agent: how full its packed
+batches are (real tokens / positions, and loss tokens / positions), the update time per real token, how many
+updates were skipped for want of signal, and its compile count. Prints; asserts nothing.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def main() -> None:
     exp = build_experiment(config, args.workdir)
     print(f"built the {args.mode} run in {time.perf_counter() - start:.1f} s "
           f"(Q={config.mgrpo.num_queries}, K={config.mgrpo.num_rollouts}, D_max={config.mgrpo.alignment.d_max})")
-    questions = read_questions_jsonl(exp.data.train_files[0])
+    # The questions RL trains on (a warm-started config leaves out the ones its warm start demonstrated).
+    questions = read_questions_jsonl(exp.data.train_files[0])[int(config.task.get("skip_train_questions", 0)):]
     q = config.mgrpo.num_queries
     rows = []
     with CompileCounter() as compiles:
@@ -72,12 +74,25 @@ def main() -> None:
         values = [r[key] for r in steady if key in r]
         if values:
             print(f"  {key:26s} {statistics.median(values):8.3f} s")
+    real_tokens = 0.0
     for agent in ("main", "sub", "shared"):
-        key = f"{agent}/tokens_per_s"
-        if key in steady[-1]:
-            print(f"  {agent:6s} update: {statistics.median(r[key] for r in steady):9.1f} sampled tokens/s, "
-                  f"compile count {int(steady[-1][f'{agent}/compile_count'])}, "
-                  f"{int(steady[-1][f'{agent}/num_tokens'])} loss tokens per update")
+        ran = [r for r in steady if r.get(f"{agent}/skipped_empty") == 0.0]
+        skipped = sum(1 for r in steady if r.get(f"{agent}/skipped_empty") == 1.0)
+        if not ran:
+            if skipped:
+                print(f"  {agent:6s} update: skipped (no signal) in all {skipped} steady steps")
+            continue
+        positions = sum(r[f"{agent}/batch/tokens"] / max(r[f"{agent}/batch/useful_fraction"], 1e-12) for r in ran)
+        real = sum(r[f"{agent}/batch/tokens"] for r in ran)
+        loss = sum(r[f"{agent}/batch/loss_tokens"] for r in ran)
+        real_tokens += real
+        print(f"  {agent:6s} batch: real tokens / positions {real / positions:6.1%}, loss tokens / positions "
+              f"{loss / positions:6.1%}, {statistics.median(r[f'{agent}/batch/micro_batches'] for r in ran):.0f} "
+              f"micro-batches (median), {skipped} of {len(steady)} updates skipped (no signal), compile count "
+              f"{int(steady[-1][f'{agent}/compile_count'])}")
+    if real_tokens:
+        update_s = sum(r["time/update_s"] for r in steady)
+        print(f"  update phase: {1e6 * update_s / real_tokens:.1f} us per real token trained (all agents)")
     print(f"  XLA compilations in the process: {first_compiles} during step 1, "
           f"{compiles.count - first_compiles} during steps 2..{args.steps}")
 

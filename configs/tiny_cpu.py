@@ -23,8 +23,13 @@ def agent(hidden: int = 64, layers: int = 2, devices: int = 1) -> ConfigDict:
         "optimizer": {"learning_rate": 1e-4, "schedule": "constant", "warmup_steps": 0, "total_steps": 1000,
                       "b1": 0.9, "b2": 0.98, "weight_decay": 0.1, "max_grad_norm": 1.0},
         "loss": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0, "agg": "seq-mean-token-mean",
-                 "kl_coef": 0.0, "kl_kind": "k3", "entropy_coef": 0.0, "temperature": 1.0, "chunk_size": 512,
-                 "ppo_epochs": 1, "micro_batch_size": 8},
+                 "kl_coef": 0.0, "kl_kind": "k3", "entropy_coef": 0.0, "chunk_size": 512,
+                 # The sampler's distribution, which the trainer rescores under (must equal agents.<role>.sampler's).
+                 "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                 "ppo_epochs": 1,
+                 # Trajectories are packed into rows of pack_len tokens (0: the agent's context limit), and
+                 # micro_batch_size rows make one micro-batch; a step uses as many micro-batches as it needs.
+                 "micro_batch_size": 2, "pack_len": 0},
     })
 
 
@@ -51,7 +56,9 @@ def get_config() -> ConfigDict:
     c.protocol = ConfigDict({"delegate": "delegate", "answer": "answer", "search": "search", "read": "read",
                              "result": "result", "observation": "information"})
     c.controller = ConfigDict({"max_main_turns": 4, "max_sub_turns": 3, "max_delegations": 2,
-                               "max_main_context": 512, "max_sub_context": 512, "max_observation_tokens": 64})
+                               "max_main_context": 512, "max_sub_context": 512, "max_observation_tokens": 64,
+                               # stop when more than this share of a tool's calls in a step fail (outage)
+                               "max_tool_failure_rate": 0.5})
     c.agents = ConfigDict({"main": agent(), "sub": agent()})
     c.mgrpo = ConfigDict({
         "num_queries": 4, "num_rollouts": 4,

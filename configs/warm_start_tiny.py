@@ -57,12 +57,15 @@ def get_config() -> ConfigDict:
         c.agents[role].sampler.max_new_tokens = 24
         c.agents[role].sampler.prompt_buckets = (context // 4, context // 2, context - 24)
         c.agents[role].loss.chunk_size = 1024
+        # Trajectories run from a third of the context to all of it: rows twice the context hold two or three,
+        # where rows of one context would hold one of most (measured: 52-61% of positions real, 80%+ with these).
+        c.agents[role].loss.pack_len = 2 * context
 
     # Supervised warm start (mgrpo_jax.train.warm_start); RL ignores this block.
     c.warm_start = ConfigDict({
         "epochs": 10,
-        "batch_size": 16,  # sequences per SFT update (the last batch of an epoch is padded with empty rows)
-        "micro_batch_size": 16,
+        "batch_size": 16,  # demonstrations per SFT update (the last batch of an epoch may be smaller)
+        "micro_batch_size": 4,  # packed rows (of the longest demonstration's length) per micro-batch
         # Training questions to demonstrate (0: all of them). The first 900 of the ~1275; RL (configs/repro/)
         # trains on the rest, questions the agents have never been shown the answer to.
         "max_questions": 900,

@@ -30,7 +30,8 @@ SMOOTHING = 5  # steps in the moving average of the plotted curves
 # Averaged over a run's steps for the diagnostics table: where the learning signal is and what alignment did.
 DIAGNOSTIC_KEYS = ("main/zero_variance_frac", "sub/zero_variance_frac", "main/format_error_rate",
                    "rollout/delegations_per_rollout", "sub/reward_mean", "sub/format_error_rate",
-                   "align/duplicated", "align/borrowed", "align/masked", "align/dropped", "main/entropy_mean")
+                   "align/duplicated", "align/borrowed", "align/masked", "align/dropped", "main/sampled_entropy",
+                   "sub/sampled_entropy")
 
 
 @dataclasses.dataclass

@@ -17,6 +17,8 @@ import jax
 from flax import nnx
 
 from mgrpo_jax import sharding
+from mgrpo_jax.multihost import BroadcastToolSet
+from mgrpo_jax.workdir import check_workdir, scratch_dir
 from mgrpo_jax.models import ModelConfig, init_model
 from mgrpo_jax.rollout.controller import Controller, ControllerConfig, SamplerPolicy, TextCodec, ToolSet
 from mgrpo_jax.rollout.protocol import ProtocolConfig
@@ -114,6 +116,18 @@ def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
 ROLES = ("all", "main", "sub")
 
 
+def pack_length(loss: LossConfig, context: int, where: str) -> int:
+    """The packed row length of an agent's batches: loss.pack_len, or its context limit when 0. A row must hold
+    the longest trajectory the controller can produce, so a shorter pack_len is a config error."""
+    if loss.pack_len == 0:
+        return context
+    if loss.pack_len < context:
+        raise ValueError(f"config {where}.loss.pack_len={loss.pack_len} is shorter than the agent's context limit "
+                         f"{context} (controller.max_*_context): a trajectory could not fit in a row; raise "
+                         "pack_len, or set it to 0 to use the context limit")
+    return loss.pack_len
+
+
 def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None) -> Experiment:
     """Builds a run from its config (see configs/tiny_cpu.py for every key).
 
@@ -122,12 +136,12 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     `train.service.RemoteSubPolicy`), and a loop that trains the main agent alone; "sub" builds the sub-agent
     and its trainer only (`controller` and `loop` are None).
     """
-    from mgrpo_jax.data.task import load_task
+    from mgrpo_jax.data.task import check_tools, load_task
 
     if role not in ROLES:
         raise ValueError(f"role={role!r}; choose one of {list(ROLES)}")
     job = role  # `role` names each agent below
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     mgrpo_cfg = config.mgrpo
     mode = config.mode
     if job != "all":
@@ -141,7 +155,9 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
             raise ValueError("role='main' needs sub_policy (the remote sub-agent)")
     protocol = make(ProtocolConfig, config.get("protocol", {}), "protocol")
     controller_cfg = make(ControllerConfig, config.controller, "controller")
-    data = load_task(config, workdir, protocol)
+    data = load_task(config, scratch_dir(workdir), protocol)  # generated data: local even for a gs:// run
+    if job != "sub":  # one real call per tool, before any model is built: a dead retriever stops the run here
+        check_tools(config.task, data.tools)
     tokenizer = data.tokenizer
 
     roles = ["main"] if mode == "single_agent" else ["main", "sub"]
@@ -159,17 +175,14 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     loop_values = {k: v for k, v in to_dict(mgrpo_cfg).items() if k not in ("alignment", "rewards", "num_queries")}
     loop_mode = "main_only" if job == "main" else mode  # the decoupled main job trains the main agent alone
     loop_cfg = make(MGRPOConfig, loop_values, "mgrpo", mode=loop_mode, alignment=alignment, rewards=rewards,
-                    main_max_len=controller_cfg.max_main_context, sub_max_len=controller_cfg.max_sub_context,
-                    pad_id=tokenizer.pad_token_id, seed=config.seed)
+                    seed=config.seed)
     num_queries = int(mgrpo_cfg.num_queries)
     if num_queries < 1:
         raise ValueError(f"config mgrpo.num_queries must be >= 1, got {num_queries}")
-    rows = {"main": num_queries * loop_cfg.num_rollouts}
-    d_max = alignment.d_max
-    if d_max != "auto":
-        rows["sub"] = rows["main"] * d_max
+    # The longest trajectory each trained model sees: its context limit (shared_model: either role's).
+    context = {"main": controller_cfg.max_main_context, "sub": controller_cfg.max_sub_context}
     if mode == "shared_model":
-        rows["main"] += rows["sub"]
+        context["main"] = max(context.values())
 
     agents: dict[str, Agent] = {}
     trainers: dict[str, Any] = {}
@@ -189,26 +202,21 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
         if trains:
             optimizer = make(OptimizerConfig, agent_cfg.optimizer, f"{where}.optimizer")
             loss = make(LossConfig, agent_cfg.loss, f"{where}.loss")
-            if loss.temperature != sampler_cfg.temperature and sampler_cfg.temperature > 0:
-                raise ValueError(f"config {where}.loss.temperature={loss.temperature} differs from {where}.sampler."
-                                 f"temperature={sampler_cfg.temperature}: the trainer must score tokens under the "
-                                 "distribution they were sampled from (set both to the same value)")
+            if not sampler_cfg.temperature > 0:  # greedy rollouts: every group has zero variance, no gradient
+                raise ValueError(f"config {where}.sampler.temperature={sampler_cfg.temperature}: a training agent "
+                                 "must sample (temperature > 0, e.g. 1.0); greedy decoding gives identical rollouts, "
+                                 "zero advantages and no update. (Evaluation decodes greedily on its own.)")
+            for key in ("temperature", "top_k", "top_p"):
+                if getattr(loss, key) != getattr(sampler_cfg, key) and sampler_cfg.temperature > 0:
+                    raise ValueError(f"config {where}.loss.{key}={getattr(loss, key)} differs from {where}.sampler."
+                                     f"{key}={getattr(sampler_cfg, key)}: the trainer must score tokens under the "
+                                     "distribution they were sampled from (set both to the same value)")
             ref = jax.tree.map(lambda x: x.copy(), params) if loss.kl_coef else None
-
-            def factory(num_rows, role=role, graphdef=graphdef, params=params, shardings=shardings,
-                        optimizer=optimizer, loss=loss, ref=ref):
-                for n in (num_rows,):
-                    if n % loss.micro_batch_size:
-                        raise ValueError(f"config agents.{role}: {n} rows per update do not divide into "
-                                         f"loss.micro_batch_size={loss.micro_batch_size}")
-                return AgentTrainer(role, graphdef, params, shardings, optimizer, loss, num_rows, ref_params=ref)
-
-            if role in rows:
-                trainer = factory(rows[role])
-                trainers[role] = trainer
-                policy.update(trainer.params, trainer.version)
-            else:
-                trainers[role] = factory  # built when D_max is known (alignment.d_max = "auto")
+            row_len = pack_length(loss, context[role], where)
+            trainer = AgentTrainer(role, graphdef, params, shardings, optimizer, loss, row_len=row_len,
+                                   pad_id=tokenizer.pad_token_id, ref_params=ref)
+            trainers[role] = trainer
+            policy.update(trainer.params, trainer.version)
         agents[role] = Agent(role, model_cfg, graphdef, meshes[role], policy, trainer)
     if mode == "shared_model":
         trainers["sub"] = trainers["main"]
@@ -219,6 +227,8 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     if job == "main":
         trainers = {"main": trainers["main"]}
     tools = ToolSet(data.tools)
+    if jax.process_count() > 1:  # one truth across hosts: process 0 runs the tools, every process sees its results
+        tools = BroadcastToolSet(tools)
     controller = Controller(
         config=controller_cfg, codec=TextCodec(tokenizer, controller_cfg.max_observation_tokens),
         main_policy=agents["main"].policy,

@@ -236,6 +236,13 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> NamedShar
     return NamedSharding(mesh, logical_to_pspec(("batch",), rules, mesh))
 
 
+def data_parallel_size(sharding: NamedSharding) -> int:
+    """How many shards a batch's dimension 0 splits into under `sharding` (1 when it is replicated)."""
+    spec0 = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if spec0 is None else ((spec0,) if isinstance(spec0, str) else tuple(spec0))
+    return int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
+
+
 def put_batch(batch: Any, sharding: NamedSharding) -> Any:
     """Place a host batch (a pytree of numpy arrays, identical on every process) on `sharding`.
 
@@ -243,15 +250,13 @@ def put_batch(batch: Any, sharding: NamedSharding) -> Any:
     multi-controller JAX where a process can address only its own devices. Raises ValueError when the batch size
     is not divisible by the number of data-parallel shards.
     """
-    spec0 = sharding.spec[0] if len(sharding.spec) else None
-    axes = () if spec0 is None else ((spec0,) if isinstance(spec0, str) else tuple(spec0))
-    shards = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
+    shards = data_parallel_size(sharding)
 
     def one(path, x):
         x = np.asarray(x)
         if x.ndim and x.shape[0] % shards:
             raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} has batch size {x.shape[0]}, not divisible "
-                             f"by the {shards} data-parallel shards of mesh axes {axes}; make the batch size a "
+                             f"by the {shards} data-parallel shards of the mesh; make the batch size a "
                              "multiple of the mesh's 'fsdp' size")
         leaf_sharding = sharding if x.ndim else _replicated(sharding.mesh)
         return jax.make_array_from_callback(x.shape, leaf_sharding, lambda index: x[index])

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from mgrpo_jax.experiment import make, to_dict
+from mgrpo_jax.experiment import make, pack_length, to_dict
 from mgrpo_jax.rollout.controller import ControllerConfig
 from mgrpo_jax.rollout.protocol import ProtocolConfig
 from mgrpo_jax.rollout.rewards import RewardConfig
@@ -32,15 +32,16 @@ def test_preset_sections_validate(name):
     make(RewardConfig, config.mgrpo.rewards, "mgrpo.rewards")
     _parse_layout({role: {k: v for k, v in to_dict(config.agents[role].mesh).items() if v not in ("", None)}
                    for role in ("main", "sub")})
-    rows = config.mgrpo.num_queries * config.mgrpo.num_rollouts
     for role in ("main", "sub"):
         agent = config.agents[role]
         sampler = make(SamplerConfig, agent.sampler, f"agents.{role}.sampler")
         loss = make(LossConfig, agent.loss, f"agents.{role}.loss")
         make(OptimizerConfig, agent.optimizer, f"agents.{role}.optimizer")
         assert loss.temperature == sampler.temperature
-        assert rows % loss.micro_batch_size == 0
         context = controller.max_main_context if role == "main" else controller.max_sub_context
+        pack_length(loss, context, f"agents.{role}")  # packed rows hold the longest trajectory
+        mesh = config.agents[config.agents[role].mesh.get("shared_with") or role].mesh
+        assert loss.micro_batch_size % mesh.fsdp == 0  # packed rows split over the data-parallel axis
         assert sampler.prompt_buckets[-1] >= context - sampler.max_new_tokens, (role, sampler.prompt_buckets)
     if config.mode == "shared_model":  # one model (main's sampler) also runs the sub-agent's episodes
         sampler = make(SamplerConfig, config.agents.main.sampler, "agents.main.sampler")

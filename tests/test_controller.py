@@ -1,11 +1,12 @@
 """The controller driven by scripted policies: every record checked exactly; limits; a real tiny model."""
+import logging
 import re
 
 import jax
 import numpy as np
 import pytest
 
-from mgrpo_jax.rollout.controller import Controller, ControllerConfig, TextCodec, ToolSet
+from mgrpo_jax.rollout.controller import Controller, ControllerConfig, TextCodec, ToolFailureError, ToolSet
 from mgrpo_jax.rollout.protocol import ProtocolConfig
 from rollout_fixtures import ScriptedPolicy, tokenizer, tools, world_and_questions
 
@@ -214,3 +215,112 @@ def _check_turn_masks(traj):
         mask[start:end] = 1
     np.testing.assert_array_equal(traj.loss_mask, mask)
     assert np.all(np.asarray(traj.logprobs)[mask == 0] == 0) and np.all(np.asarray(traj.logprobs)[mask == 1] <= 0)
+
+
+# ------------------------------------------------------------------------------ infrastructure failures
+
+
+def _closed_port_url():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _plan_script(occurrences, plans):
+    """Rollout j of a question runs plans[j]: "answer" at once, or delegates the plan's text, then answers with
+    the observation."""
+
+    def script(prompt):
+        if _observations(prompt):
+            return "<answer>done</answer>"
+        question = re.search(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", prompt, re.S).group(1)
+        j = occurrences.setdefault(question, 0)
+        occurrences[question] = j + 1
+        return "<answer>now</answer>" if plans[j] == "answer" else f"<delegate>{plans[j]}</delegate>"
+
+    return script
+
+
+def _sub_plan(prompt):
+    """The sub-agent does what its subtask says once ("read doc-x" / "search q"), then gives its result."""
+    subtask = re.search(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", prompt, re.S).group(1)
+    if _observations(prompt):
+        return "<result>found</result>"
+    action, argument = subtask.split(" ", 1)
+    return f"<{action}>{argument}</{action}>"
+
+
+def test_infrastructure_failures_mark_their_rollouts_and_are_counted(caplog):
+    """A dead retriever (a real client against a closed port) is infrastructure and marks the sub episode and its
+    main rollout; a bad doc id is the model's mistake and marks nothing; both are counted per tool."""
+    from mgrpo_jax.rollout.tools import HttpRetriever
+
+    tok = tokenizer()
+    _, questions = world_and_questions()
+    qs = [q.question for q in questions[:2]]
+    plans = ["answer", "read doc-99999", "search Velmor Guild"]
+    main = ScriptedPolicy(tok, _plan_script({}, plans))
+    dead = HttpRetriever(_closed_port_url(), retries=1, backoff_s=0.01)
+    runner = ToolSet({"search": dead, "read": tools()["read"]})
+    codec = TextCodec(tok, max_observation_tokens=10_000)
+    ctrl = Controller(config=ControllerConfig(max_tool_failure_rate=1.0), codec=codec, main_policy=main,
+                      main_protocol=PROTO.main(), tools=runner, sub_policy=ScriptedPolicy(tok, _sub_plan),
+                      sub_protocol=PROTO.sub())
+    with caplog.at_level(logging.WARNING, logger="mgrpo_jax.rollout.controller"):
+        batch = ctrl.run(qs, len(plans), jax.random.key(0))
+    assert [r.getMessage()[:37] for r in caplog.records] == ["tool 'search' failed 2 of its 2 calls"]
+    assert [t.infra_failures for t in batch.main] == [0, 0, 1] * 2
+    assert [(t.rollout, t.infra_failures) for t in batch.sub] == [(1, 0), (2, 1)] * 2
+    for t in batch.sub:  # the observation still reaches the agent; only the mark tells them apart
+        assert "[read error: unknown doc id" in tok.decode(t.tokens) if t.rollout == 1 else \
+            "[search error: RetrievalError" in tok.decode(t.tokens)
+    s = batch.stats
+    assert (s["tool/search/calls"], s["tool/search/failures"], s["tool/search/failure_rate"]) == (2, 2, 1.0)
+    assert (s["tool/read/calls"], s["tool/read/failures"], s["tool/read/bad_arguments"]) == (2, 0, 2)
+    assert s["tool/read/failure_rate"] == 0.0 and s["tool/search/timeouts"] == 0 and s["tool_failures"] == 2
+    assert s["infra_failed_rollouts"] == 2 and s["infra_failed_sub_episodes"] == 2
+
+    # Past the configured share the step stops, naming the tool, the counts, the failure and the key.
+    main = ScriptedPolicy(tok, _plan_script({}, plans))
+    ctrl = Controller(config=ControllerConfig(max_tool_failure_rate=0.5), codec=codec, main_policy=main,
+                      main_protocol=PROTO.main(), tools=runner, sub_policy=ScriptedPolicy(tok, _sub_plan),
+                      sub_protocol=PROTO.sub())
+    with pytest.raises(ToolFailureError, match=r"tool 'search' failed 2 of its 2 calls .*0 timeouts, 2 errors.*"
+                                               r"controller.max_tool_failure_rate=0.5.*\[search error: Retrieval"):
+        ctrl.run(qs, len(plans), jax.random.key(0))
+
+
+def test_own_tool_failures_and_failed_generations_mark_the_rollout():
+    from mgrpo_jax.rollout.tools import HttpRetriever
+    from mgrpo_jax.train.service import RemoteSubPolicy
+
+    tok = tokenizer()
+    _, questions = world_and_questions()
+    # A single agent whose own search hits a dead service.
+    single = ScriptedPolicy(tok, lambda p: "<answer>x</answer>" if _observations(p) else "<search>Quessa</search>")
+    dead = HttpRetriever(_closed_port_url(), retries=0)
+    ctrl = Controller(config=ControllerConfig(max_tool_failure_rate=1.0), codec=TextCodec(tok, 64),
+                      main_policy=single, main_protocol=PROTO.single(), tools=ToolSet({"search": dead}))
+    batch = ctrl.run([questions[0].question], 2, jax.random.key(0))
+    assert [t.infra_failures for t in batch.main] == [1, 1] and batch.stats["infra_failed_rollouts"] == 2
+    # A sub-agent whose generation service is down: "generation_failed" marks the sub episode and its rollout.
+    main = ScriptedPolicy(tok, lambda p: "<answer>x</answer>" if _observations(p) else "<delegate>who?</delegate>")
+    down = RemoteSubPolicy(_closed_port_url(), max_new_tokens=16, max_prompt_tokens=4096, deadline_s=0.3,
+                           request_timeout_s=0.2)
+    ctrl = Controller(config=ControllerConfig(), codec=TextCodec(tok, 64), main_policy=main,
+                      main_protocol=PROTO.main(), tools=ToolSet(tools()), sub_policy=down, sub_protocol=PROTO.sub())
+    batch = ctrl.run([questions[0].question], 2, jax.random.key(0))
+    assert [t.finish_reason for t in batch.sub] == ["generation_failed"] * 2
+    assert [t.infra_failures for t in batch.sub] == [1, 1] and [t.infra_failures for t in batch.main] == [1, 1]
+    assert batch.stats["infra_failed_rollouts"] == 2 and batch.stats["tool_failures"] == 0
+
+
+def test_max_tool_failure_rate_is_validated():
+    from mgrpo_jax.experiment import make
+
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(ValueError, match=r"config controller: controller.max_tool_failure_rate must be a number"):
+            make(ControllerConfig, {"max_tool_failure_rate": bad}, "controller")
+    assert ControllerConfig().max_tool_failure_rate == 0.5

@@ -172,3 +172,96 @@ def test_config_errors(tmp_path):
         QADataset(str(tmp_path / "*.parquet"), 1, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="process_index < process_count"):
         QADataset(path, 1, process_index=2, process_count=2)
+
+
+# ------------------------------------------------------------------------- undecodable, empty, corpus files
+
+
+def test_a_non_utf8_byte_is_a_bad_row_with_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps(r).encode() for r in rows(3)]
+    lines[1] = lines[1].replace(b"number", b"n\xfcmber")  # one Latin-1 byte in row 2
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(BadRowError, match=rf"{path}:2: not valid UTF-8 \(byte 0xfc at byte \d+ of the line\)"):
+        read_qa_rows(str(path))
+    ds = QADataset(str(path), 1, on_bad_row="skip", process_index=0, process_count=1)
+    assert ids(ds.records) == ["q0", "q2"] and [(s.line, s.reason[:19]) for s in ds.skipped] == \
+        [(2, "not valid UTF-8 (by")]
+    # A UTF-8 byte-order mark is not a bad row.
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines[:1]) + b"\n")
+    assert ids(read_qa_rows(str(path))[0]) == ["q0"]
+
+
+def test_files_without_valid_rows_say_so(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n \n")
+    with pytest.raises(ValueError, match=rf"{empty}: no valid question rows: the files have no rows") as e:
+        QADataset(str(empty), 1, process_index=0, process_count=1)
+    assert "skip_first" not in str(e.value)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [], ["{oops", '{"question": "q"}'])
+    with pytest.raises(ValueError, match=rf"no valid question rows: all 2 rows are bad \(the first: {bad}:1: not"):
+        QADataset(bad, 1, on_bad_row="skip", process_index=0, process_count=1)
+
+
+def write_corpus(path, lines):
+    path.write_bytes(b"".join(line if isinstance(line, bytes) else json.dumps(line).encode() + b"\n"
+                              for line in lines))
+    return path
+
+
+def test_bad_corpus_lines_name_path_and_line_or_are_skipped(tmp_path):
+    from mgrpo_jax.data.corpus import read_corpus_jsonl, read_corpus_rows
+
+    good = {"id": "d1", "title": "Quessa", "text": "Quessa is a river port."}
+    cases = [(b'{"id": "d2", "title": "Caf\xe9", "text": "x"}\n', "not valid UTF-8"),
+             ({"id": "d2", "title": " ", "text": ""}, "document 'd2' has neither title nor text"),
+             ({"id": "d1", "title": "Again", "text": "y"}, "duplicate doc id 'd1' \\(first on line 1\\)"),
+             ({"id": "d2"}, "bad corpus line: corpus record 'd2' has neither"),
+             (b"{oops\n", "not valid JSON")]
+    for line, reason in cases:
+        path = write_corpus(tmp_path / "corpus.jsonl", [good, line])
+        with pytest.raises(BadRowError, match=rf"{path}:2: {reason}"):
+            read_corpus_jsonl(path)
+        docs, skipped = read_corpus_rows(path, "skip")
+        assert [d.doc_id for d in docs] == ["d1"] and [s.line for s in skipped] == [2]
+
+
+def _files_config(tmp_path, corpus, on_bad_row="error"):
+    from configs import tiny_cpu
+
+    questions = write_jsonl(tmp_path / "q.jsonl", rows(4))
+    config = tiny_cpu.get_config()
+    config.task.update({"kind": "files", "train_files": (questions,), "corpus_file": str(corpus),
+                        "on_bad_row": on_bad_row})
+    config.tokenizer.vocab_size = 300
+    return config
+
+
+def test_a_corpus_of_one_empty_document_fails_at_load_with_its_line(tmp_path):
+    from mgrpo_jax.data.task import load_task
+    from mgrpo_jax.rollout.protocol import ProtocolConfig
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", [{"id": "d1", "title": "", "text": ""}])
+    with pytest.raises(BadRowError, match=rf"{corpus}:1: document 'd1' has neither title nor text"):
+        load_task(_files_config(tmp_path, corpus), str(tmp_path / "w"), ProtocolConfig())
+    with pytest.raises(ValueError, match=rf"{corpus}: no usable corpus documents: all 1 lines are bad"):
+        load_task(_files_config(tmp_path, corpus, "skip"), str(tmp_path / "w"), ProtocolConfig())
+    stop_words = write_corpus(tmp_path / "stop.jsonl", [{"id": "d1", "title": "", "text": "the of and"}])
+    with pytest.raises(ValueError, match=rf"{stop_words}: LocalSearch: none of the 1 documents has a searchable"):
+        load_task(_files_config(tmp_path, stop_words), str(tmp_path / "w"), ProtocolConfig())
+
+
+def test_load_task_validates_question_files_and_skips_undecodable_rows(tmp_path):
+    from mgrpo_jax.data.task import load_task
+    from mgrpo_jax.rollout.protocol import ProtocolConfig
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", [{"id": "d1", "title": "Quessa", "text": "A river port."}])
+    config = _files_config(tmp_path, corpus)
+    questions = config.task.train_files[0]
+    with open(questions, "ab") as f:
+        f.write(b'{"question": "Wh\xff?", "answer": "x"}\n')
+    with pytest.raises(BadRowError, match=rf"{questions}:5: not valid UTF-8"):  # before any tokenizer or model
+        load_task(config, str(tmp_path / "w"), ProtocolConfig())
+    config.task.on_bad_row = "skip"
+    data = load_task(config, str(tmp_path / "w"), ProtocolConfig())
+    assert data.train_files == [questions] and [d.doc_id for d in data.documents] == ["d1"]

@@ -102,3 +102,19 @@ def test_progress_tty_redraws_in_place():
 
 def test_format_duration():
     assert format_duration(3725.4) == "1:02:05" and format_duration(float("nan")) == "?"
+
+
+def test_close_on_a_full_disk_still_closes_tensorboard(tmp_path):
+    """metrics.jsonl on /dev/full (every write fails with ENOSPC): close() raises that error once, and the
+    TensorBoard file is still closed (its scalars are on disk)."""
+    import errno
+    import os
+
+    os.symlink("/dev/full", tmp_path / "metrics.jsonl")
+    writer = MetricsWriter(tmp_path, process_index=0)
+    writer.write(1, {"main/loss": 0.5})  # buffered: the disk is not touched yet
+    with pytest.raises(OSError) as e:
+        writer.close()
+    assert e.value.errno == errno.ENOSPC
+    assert read_tensorboard_scalars(tmp_path / "tb") == {"main/loss": [(1, 0.5)]}
+    writer.close()  # idempotent: nothing left to close

@@ -310,3 +310,65 @@ def test_http_errors_retry_only_when_worth_it():
             client.retrieve_many(["Velmor"], k=0)
         bad = tools.HttpRetriever(server.url.replace("/retrieve", "/nowhere/retrieve"), retries=3)
         assert bad("Velmor").startswith("[search error: RetrievalError: HTTP 404")
+
+
+# ------------------------------------------------------------------ model errors vs infrastructure, checks
+
+
+def test_outcomes_separate_model_errors_from_infrastructure(search):
+    release = threading.Event()
+
+    def fn(a):
+        if a == "bad":
+            raise tools.ToolInputError("no such thing")  # the model's argument: its fault
+        if a == "boom":
+            raise OSError("connection reset")  # the tool's infrastructure
+        if a == "hang":
+            release.wait()
+        return a
+
+    t = FnTool(fn, timeout_s=0.2)
+    try:
+        out = t.call_outcomes(["ok", "bad", "boom", "hang"])
+    finally:
+        release.set()
+    assert [o.status for o in out] == ["ok", "bad_argument", "error", "timeout"]
+    assert [o.infra_failure for o in out] == [False, False, True, True]
+    assert [o.observation for o in out] == ["ok", "[probe error: no such thing]",
+                                            "[probe error: OSError: connection reset]",
+                                            "[probe error: timed out after 0.2s]"]
+    assert {o.tool for o in out} == {"probe"}
+    # A dead retrieval service is infrastructure; an empty query stays the model's bad argument.
+    server = tools.serve_local_search(search)
+    client = tools.HttpRetriever(server.url, retries=1, backoff_s=0.01)
+    server.stop()
+    dead, empty = client.call_outcomes(["Velmor", " "])
+    assert (dead.status, dead.infra_failure) == ("error", True) and "RetrievalError" in dead.observation
+    assert (empty.status, empty.infra_failure) == ("bad_argument", False)
+
+
+def test_check_probes_every_tool_and_names_the_fix(search):
+    search.check()
+    tools.ReadDocument(DOCS).check()
+    FnTool(lambda a: 1 / 0).check()  # nothing to probe: a tool without probe_argument passes
+    with tools.serve_local_search(search) as server:
+        client = tools.HttpRetriever(server.url, retries=1, backoff_s=0.01)
+        client.check()
+    with pytest.raises(tools.ToolCheckError) as e:  # the same client once its service is gone
+        client.check()
+    message = str(e.value)
+    assert "tool 'search' failed its start-up check" in message and server.url in message
+    assert "refused" in message.lower() and "retrieval service running at" in message
+    # A service that answers, but not with a usable response, fails the check too.
+    with tools.serve_local_search(FailingSearch(RuntimeError("index corrupt"))) as server:
+        with pytest.raises(tools.ToolCheckError, match="HTTP 500|failed 2 attempts"):
+            tools.HttpRetriever(server.url, retries=1, backoff_s=0.01).check()
+
+
+def test_corpus_without_searchable_words_is_a_clear_error():
+    # bm25s itself fails with "max() arg is an empty sequence".
+    for docs in ([Document("d1", "", "")], [Document("d1", "", "the of and"), Document("d2", "a", "")]):
+        with pytest.raises(ValueError, match=rf"none of the {len(docs)} documents has a searchable word"):
+            tools.LocalSearch(docs)
+    # One empty document among others is fine: the others are found.
+    assert tools.LocalSearch([Document("empty", "", ""), *DOCS]).retrieve("Quessa harbor")[0].doc.doc_id == "d2"

@@ -96,12 +96,15 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     ("agents.main.model.hiden_size", 64, r"agents.main.model: unknown key\(s\) \['hiden_size'\]"),
     ("mode", "solo", r"mgrpo.mode='solo'|mode='solo' is not supported"),
     ("agents.main.mesh", {"devices": 64, "fsdp": 64, "tp": 1}, r"needs 65 devices \(main: 64, sub: 1\)"),
-    ("agents.main.loss.micro_batch_size", 3, r"do not divide into loss.micro_batch_size=3"),
+    ("agents.main.loss.pack_len", 100, r"agents.main.loss.pack_len=100 is shorter than the agent's context limit"),
     ("agents.main.loss.agg", "mean", r"agents.main.loss: .*agg='mean'"),
     ("agents.main.loss.temperature", 0.5, r"differs from agents.main.sampler.temperature"),
     ("task.kind", "web", r"task.kind='web' is not supported"),
     ("mgrpo.alignment.pad_mode", "copy", r"mgrpo.alignment: .*pad_mode='copy'"),
     ("controller.max_main_context", 4096, r"largest prompt bucket"),
+    ("controller.max_tool_failure_rate", 2.0, r"controller.max_tool_failure_rate must be a number in \[0, 1\]"),
+    # Greedy rollouts of a training agent: identical samples, zero advantages, grad norm 0.0 every step.
+    ("agents.main.sampler.temperature", 0.0, r"agents.main.sampler.temperature=0.0: a training agent must sample"),
 ])
 def test_bad_configs_fail_at_start_up_with_the_key_named(tmp_path, key, value, message):
     config = _config()
@@ -118,3 +121,66 @@ def test_locked_config_rejects_a_mistyped_flag(tmp_path):
            os.path.join(ROOT, "configs", "tiny_cpu.py"), "--workdir", str(tmp_path), "--config.totl_steps=3"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "totl_steps" in out.stderr
+
+
+def test_a_retriever_that_does_not_answer_stops_the_run_at_start_up(tmp_path):
+    """The issue's closed-port scenario: before, training ran on with every search an error observation."""
+    import socket
+
+    from mgrpo_jax.rollout.tools import ToolCheckError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ToolCheckError) as e:
+        build_experiment(_config(**{"task.retriever_url": url}), str(tmp_path))
+    message = str(e.value)
+    assert f"tool 'search' failed its start-up check" in message and f"{url}/retrieve" in message
+    assert "refused" in message.lower() and "task.retriever_url" in message
+
+
+def test_close_all_closes_everything_and_reports_the_first_error_once(tmp_path, caplog):
+    """A full disk (metrics.jsonl on /dev/full): the metrics writer's close fails, the checkpointer after it is
+    still closed (its pending save finalized), and the error is raised once; while the run is already failing,
+    close errors are logged on one line instead of chained onto the run's own error."""
+    import errno
+    import logging
+
+    import jax.numpy as jnp
+
+    from mgrpo_jax import checkpoint as ckpt_lib
+    from mgrpo_jax.metrics import MetricsWriter
+    from mgrpo_jax.train.run import close_all
+
+    for failing in (False, True):
+        workdir = tmp_path / str(failing)
+        workdir.mkdir()
+        os.symlink("/dev/full", workdir / "metrics.jsonl")
+        writer = MetricsWriter(workdir, process_index=0, tensorboard=False)
+        writer.write(1, {"main/loss": 0.5})
+        checkpointer = ckpt_lib.Checkpointer(workdir, ["main"])
+        checkpointer.save(1, {"main": ckpt_lib.AgentState({"w": jnp.ones(3)}, {"m": jnp.zeros(3)})}, force=True)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="mgrpo_jax.train.run"):
+            if failing:
+                close_all([("metrics writer", writer.close), ("checkpointer", checkpointer.close)], failing=True)
+            else:
+                with pytest.raises(OSError) as e:
+                    close_all([("metrics writer", writer.close), ("checkpointer", checkpointer.close)])
+                assert e.value.errno == errno.ENOSPC
+        logged = [r.getMessage() for r in caplog.records]
+        assert logged == (["closing the metrics writer also failed: OSError: [Errno 28] No space left on device"]
+                          if failing else [])
+        assert ckpt_lib.Checkpointer(workdir, ["main"]).latest_step() == 1
+
+
+def test_jax_log_compiles_from_the_environment_is_respected():
+    import mgrpo_jax
+
+    code = ("import jax; from mgrpo_jax.train.run import configure_logging; configure_logging(); "
+            "print('log_compiles', jax.config.jax_log_compiles); jax.jit(lambda x: x + 1)(1)")
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(mgrpo_jax.__file__)))  # the code under test
+    out = subprocess.run([sys.executable, "-c", code], cwd=package_root, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "JAX_LOG_COMPILES": "1", "PYTHONPATH": package_root})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "log_compiles True" in out.stdout and "Compiling" in out.stderr

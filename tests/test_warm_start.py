@@ -2,16 +2,17 @@
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from mgrpo_jax import sharding
 from mgrpo_jax.models import ModelConfig, init_model
-from mgrpo_jax.rollout.controller import Controller, ControllerConfig, TextCodec, ToolSet
+from mgrpo_jax.rollout.controller import Controller, ControllerConfig, TextCodec, ToolSet, Trajectory
 from mgrpo_jax.rollout.protocol import ProtocolConfig
 from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig, batch_loss
-from mgrpo_jax.train.batch import build_batch
+from mgrpo_jax.train.batch import Segment, pack
 from mgrpo_jax.train.demonstrations import make_demonstrations
 from np_reference import token_logprobs as np_token_logprobs
 from rollout_fixtures import ScriptedPolicy, tokenizer, tools, world_and_questions
@@ -130,30 +131,37 @@ def _tiny_model(vocab, seed=0):
 
 
 def test_sft_objective_is_the_weighted_token_mean_nll():
+    """On packed rows (several demonstrations per row), the SFT loss is the weighted token-mean NLL of each
+    demonstration scored alone (an unpacked forward in float64 NumPy log-softmax)."""
     rng = np.random.default_rng(0)
     cfg, model = _tiny_model(vocab=50)
-    n, length = 4, 12
-    tokens = rng.integers(0, 50, (n, length)).astype(np.int32)
-    loss_mask = (rng.random((n, length)) < 0.5).astype(np.int32)
-    weights = np.array([1.0, 0.0, 2.0, 0.5], np.float32)
-    batch = {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": np.ones_like(tokens),
-             "positions": np.tile(np.arange(length, dtype=np.int32), (n, 1)), "weights": weights,
-             "old_logp": np.zeros((n, length), np.float32), "advantages": rng.normal(size=n).astype(np.float32)}
+    lengths, weights = [12, 5, 9, 7], [1.0, 0.0, 2.0, 0.5]
+    rows = []
+    for i, n in enumerate(lengths):
+        tokens = rng.integers(0, 50, n).tolist()
+        mask = [0] + (rng.random(n - 1) < 0.6).astype(int).tolist()
+        rows.append(Trajectory("sub", 0, 0, i, 1, tokens, mask, [0.0] * n, [], None, "result", None, 0))
+    batch = pack([Segment(t, float(rng.normal()), w) for t, w in zip(rows, weights)], row_len=16, rows=2)
+    assert batch.arrays["segment_ids"].max() > 1  # rows really hold several demonstrations
     graphdef, state = nnx.split(model)
     loss = jax.jit(lambda s, b: batch_loss(nnx.merge(graphdef, s), b, LossConfig(objective="sft", chunk_size=5)))
-    total, denom, metrics = loss(state, batch)
+    total, denom, metrics = loss(state, batch.arrays)
 
-    forward = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b["tokens"], b["positions"], b["attention_mask"]))
-    logits = np.asarray(forward(state, batch), np.float64)
-    logp = np_token_logprobs(logits[:, :-1], tokens[:, 1:])
-    m = loss_mask[:, 1:]
-    expected_total = sum(weights[b] * -(logp[b] * m[b]).sum() for b in range(n))
-    expected_denom = sum(weights[b] * m[b].sum() for b in range(n))
+    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, jnp.arange(t.shape[1])[None], jnp.ones_like(t)))
+    expected_total = expected_denom = nll_sum = count = 0.0
+    for t, w in zip(rows, weights):
+        logits = np.asarray(forward(state, jnp.asarray([t.tokens], jnp.int32))[0], np.float64)
+        logp = np_token_logprobs(logits[None, :-1], np.asarray([t.tokens[1:]]))[0]
+        m = np.asarray(t.loss_mask[1:])
+        expected_total += w * -(logp * m).sum()
+        expected_denom += w * m.sum()
+        nll_sum, count = nll_sum - (logp * m).sum(), count + m.sum()
     np.testing.assert_allclose(float(total), expected_total, rtol=1e-5)
     np.testing.assert_allclose(float(denom), expected_denom, rtol=1e-6)
-    np.testing.assert_allclose(float(metrics["nll"]), -(logp * m).sum() / m.sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["nll"]), nll_sum / count, rtol=1e-5)
     # Advantages and behaviour log-probs do not enter the SFT objective.
-    other = loss(state, {**batch, "advantages": -batch["advantages"], "old_logp": batch["old_logp"] - 3})
+    other = loss(state, {**batch.arrays, "advantages": -batch.arrays["advantages"],
+                         "old_logp": batch.arrays["old_logp"] - 3})
     assert float(other[0]) == float(total)
 
 
@@ -165,31 +173,32 @@ def test_sft_options_are_validated():
 
 
 def test_sft_steps_raise_the_likelihood_of_the_demonstrations(demos):
-    """A few SFT updates of a tiny sub-agent through AgentTrainer (micro-batched) lower the demonstrations' NLL;
-    the update's reported loss is the NLL of the whole batch before the step, whatever the micro-batching."""
+    """A few SFT updates of a tiny sub-agent through AgentTrainer (packed, micro-batched) lower the
+    demonstrations' NLL; the update's reported loss is the NLL of the whole batch before the step."""
     _, d = demos
     tok = tokenizer()
     rows = sorted(d.sub, key=lambda t: len(t.tokens))[:4]
     max_len = -(-max(len(t.tokens) for t in rows) // 16) * 16
-    batch = build_batch(rows, np.zeros(len(rows)), np.ones(len(rows)), max_len, tok.pad_token_id)
     cfg, _ = _tiny_model(vocab=len(tok))
     mesh = sharding.make_agent_meshes({"sub": {"devices": 1}}, devices=jax.devices()[:1])["sub"]
     graphdef, params, shardings = sharding.born_sharded(lambda: init_model(cfg, seed=0), mesh)
-    loss_cfg = LossConfig(objective="sft", micro_batch_size=2, chunk_size=256)
-
+    loss_cfg = LossConfig(objective="sft", micro_batch_size=1, chunk_size=256)
+    trainer = AgentTrainer("sub_sft", graphdef, params, shardings,
+                           OptimizerConfig(learning_rate=1e-2, weight_decay=0.0), loss_cfg, row_len=max_len,
+                           pad_id=tok.pad_token_id)
+    batch = trainer.pack([Segment(t) for t in rows])
+    assert batch.num_micro_batches > 1
     loss = jax.jit(lambda p, b: batch_loss(nnx.merge(graphdef, p), b, loss_cfg))
 
     def nll(p):
-        total, denom, _ = loss(p, batch)
-        return float(total / denom)
+        parts = [loss(p, m)[:2] for m in batch.micro_batches()]
+        return float(sum(t for t, _ in parts) / sum(d for _, d in parts))
 
-    before = nll(params)
-    trainer = AgentTrainer("sub_sft", graphdef, params, shardings,
-                           OptimizerConfig(learning_rate=1e-2, weight_decay=0.0), loss_cfg, len(rows))
+    before = nll(trainer.params)
     first = trainer.update(batch)
     np.testing.assert_allclose(first["loss"], before, rtol=1e-4)
     for _ in range(5):
         metrics = trainer.update(batch)
     after = nll(trainer.params)
     assert after < 0.8 * before, (before, after)
-    assert metrics["num_tokens"] == batch["loss_mask"][:, 1:].sum() and trainer.compile_count == 1
+    assert metrics["num_tokens"] == sum(sum(t.loss_mask[1:]) for t in rows) and trainer.compile_count == 1

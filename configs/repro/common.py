@@ -44,6 +44,7 @@ def warm_start_config(kind: str) -> ConfigDict:
         main_buckets = tuple(c.agents.main.sampler.prompt_buckets)
         c.agents.main.sampler.prompt_buckets = main_buckets + (tuple(c.agents.sub.sampler.prompt_buckets)[-1],)
         c.warm_start.repeat = {"main": 1}
+        c.agents.main.loss.pack_len = 2 * c.controller.max_main_context
     elif kind == "single":
         # The single agent searches and reads every hop itself: two tool turns per hop plus the answer, and the raw
         # observations (up to 128 tokens each) stay in its context. One pass per epoch, about the SFT tokens of
@@ -52,6 +53,7 @@ def warm_start_config(kind: str) -> ConfigDict:
         c.controller.max_main_context = 768
         c.agents.main.sampler.prompt_buckets = (192, 384, 768 - c.agents.main.sampler.max_new_tokens)
         c.warm_start.repeat = {"main": 1}
+        c.agents.main.loss.pack_len = 2 * c.controller.max_main_context
     return c
 
 

@@ -33,7 +33,6 @@ that would have come next, and refuses a state from a different pipeline with a 
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import json
@@ -42,30 +41,17 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from mgrpo_jax.data.corpus import BAD_ROW_MODES, SKIP_HINT, BadRowError, SkippedRow, collect_rows, iter_jsonl
+
 if TYPE_CHECKING:
     import grain
 
 logger = logging.getLogger(__name__)
 
-BAD_ROW_MODES = ("error", "skip")
 JSONL_SUFFIXES = (".jsonl", ".json")  # ".json" only as JSON Lines (one object per line)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _LOGGED_LOCATIONS = 5  # how many skipped rows the one log line names
 STATE_VERSION = 1
-
-
-class BadRowError(ValueError):
-    """A malformed data row; the message starts with `path:line:`."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SkippedRow:
-    path: str
-    line: int  # 1-based line (JSONL) or row (Parquet)
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -121,18 +107,6 @@ def validate_row(row: Any, path: str, line: int) -> dict[str, Any]:
             "metadata": dict(metadata)}
 
 
-def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) per non-blank line; a line that is not JSON yields a BadRowError instead."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                yield line_no, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line_no, BadRowError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})")
-
-
 def _parquet_rows(path: str) -> Iterator[tuple[int, Any]]:
     try:
         import pyarrow.parquet as pq  # only Parquet needs it
@@ -174,26 +148,26 @@ def read_qa_rows(paths: str | os.PathLike | Sequence[str | os.PathLike], on_bad_
     """
     if on_bad_row not in BAD_ROW_MODES:
         raise ValueError(f"on_bad_row={on_bad_row!r} is not supported; choose one of {list(BAD_ROW_MODES)}")
-    records: list[dict[str, Any]] = []
-    skipped: list[SkippedRow] = []
-    for path in expand_paths(paths):
-        lower = path.lower()
-        if lower.endswith(JSONL_SUFFIXES):
-            rows = _jsonl_rows(path)
-        elif lower.endswith(PARQUET_SUFFIXES):
-            rows = _parquet_rows(path)
-        else:
+    files = expand_paths(paths)
+    for path in files:
+        if not path.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
             raise ValueError(f"data file {path!r}: unknown format; use a {JSONL_SUFFIXES + PARQUET_SUFFIXES} file")
-        for line, row in rows:
-            try:
-                if isinstance(row, BadRowError):
-                    raise row
-                records.append(validate_row(row, path, line))
-            except BadRowError as e:
-                if on_bad_row == "error":
-                    raise BadRowError(f"{e} (set on_bad_row='skip' to skip and count bad rows)") from None
-                skipped.append(SkippedRow(path, line, str(e).split(": ", 1)[1]))
-    return records, skipped
+
+    def rows():
+        for path in files:
+            source = iter_jsonl(path) if path.lower().endswith(JSONL_SUFFIXES) else _parquet_rows(path)
+            for line, row in source:
+                yield path, line, row
+
+    return collect_rows(rows(), validate_row, on_bad_row, SKIP_HINT)
+
+
+def require_rows(paths: Sequence[str], records: Sequence[Any], skipped: Sequence[SkippedRow]) -> None:
+    """Raises ValueError("<paths>: no valid question rows: <why>") when `records` (of read_qa_rows) is empty."""
+    if records:
+        return
+    reason = f"all {len(skipped)} rows are bad (the first: {skipped[0]})" if skipped else "the files have no rows"
+    raise ValueError(f"{', '.join(map(str, paths))}: no valid question rows: {reason}")
 
 
 # ------------------------------------------------------------------------------------------- dataset
@@ -240,6 +214,7 @@ class QADataset:
         self.batch_size, self.seed, self.shuffle, self.num_epochs = batch_size, int(seed), bool(shuffle), num_epochs
         self.process_index, self.process_count = _default_process(process_index, process_count)
         self.records, self.skipped = read_qa_rows(self.paths, on_bad_row)
+        require_rows(self.paths, self.records, self.skipped)
         if not isinstance(skip_first, int) or not 0 <= skip_first < len(self.records):
             raise ValueError(f"skip_first={skip_first!r} must be an int in [0, {len(self.records)}): the files have "
                              f"{len(self.records)} valid rows")

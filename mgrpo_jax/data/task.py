@@ -7,15 +7,24 @@ config.task.kind:
                of a Search-R1 compatible retrieval service.
 config.tokenizer.path: a Hugging Face tokenizer directory, or "" to train a byte-level BPE locally on the
 corpus and questions (saved to workdir/tokenizer and reused when the run resumes).
+
+Every data file is read and validated here, at start-up (bad lines: `path:line: reason`, or skipped and
+counted with task.on_bad_row="skip"); `check_tools` makes one real call to every tool (a retrieval service that
+does not answer stops the run before any model is built).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from mgrpo_jax.data.corpus import Document, read_corpus_jsonl, write_corpus_jsonl
+from mgrpo_jax.data.corpus import Document, read_corpus_rows, write_corpus_jsonl
+from mgrpo_jax.data.pipeline import read_qa_rows, require_rows
 from mgrpo_jax.rollout.protocol import ProtocolConfig
+
+logger = logging.getLogger(__name__)
 
 TASK_KINDS = ("synthetic", "files")
 
@@ -59,23 +68,59 @@ def _tokenizer(config, workdir: str, documents: list[Document], question_files: 
     texts = [d.contents for d in documents]
     for file in question_files:
         if file.endswith(".jsonl"):
-            with open(file, encoding="utf-8") as f:
+            # Raw lines (the validated rows are read later); an undecodable byte is a bad row, not a crash here.
+            with open(file, encoding="utf-8", errors="replace") as f:
                 texts += f.readlines()
     tokenizer = train_tokenizer(texts, vocab_size=int(config.tokenizer.vocab_size), tags=protocol_tags(protocol))
     save_tokenizer(tokenizer, local)
     return load_tokenizer(local)  # what a resumed run will load: the same object either way
 
 
-def _tools(task, documents: list[Document]) -> dict[str, Any]:
+def _tools(task, documents: list[Document], corpus: str) -> dict[str, Any]:
     from mgrpo_jax.rollout.tools import HttpRetriever, LocalSearch, ReadDocument
 
     search = dict(top_k=int(task.search_top_k), snippet_chars=int(task.snippet_chars),
                   timeout_s=float(task.tool_timeout_s))
     url = task.get("retriever_url", "")
-    tools = {"search": HttpRetriever(url, **search) if url else LocalSearch(documents, **search)}
+    if url:
+        tools = {"search": HttpRetriever(url, **search)}
+    else:
+        try:
+            tools = {"search": LocalSearch(documents, **search)}
+        except ValueError as e:  # e.g. a corpus with no searchable word
+            raise ValueError(f"{corpus}: {e}") from None
     if documents:
         tools["read"] = ReadDocument(documents, timeout_s=float(task.tool_timeout_s))
     return tools
+
+
+def check_tools(task, tools: Mapping[str, Any]) -> None:
+    """`Tool.check()` for every tool (one real call each), at start-up. Raises ToolCheckError naming the tool,
+    what failed and the config key to fix."""
+    from mgrpo_jax.rollout.tools import HttpRetriever, ToolCheckError
+
+    for name, tool in tools.items():
+        check = getattr(tool, "check", None)
+        if check is None:
+            continue
+        try:
+            check()
+        except ToolCheckError as e:
+            key = ("task.retriever_url (or '' for local BM25 search over task.corpus_file)"
+                   if isinstance(tool, HttpRetriever) else "task.corpus_file")
+            raise ToolCheckError(f"{e}; see config {key}") from None
+        logger.info("tool %r answered its start-up check", name)
+
+
+def _read_corpus(path: str, on_bad_row: str) -> list[Document]:
+    documents, skipped = read_corpus_rows(path, on_bad_row)
+    if skipped:
+        logger.warning("skipped %d bad corpus line(s) of %s: %s", len(skipped), path,
+                       "; ".join(str(s) for s in skipped[:5]))
+    if not documents:
+        reason = f"all {len(skipped)} lines are bad (the first: {skipped[0]})" if skipped else "the file has no lines"
+        raise ValueError(f"{path}: no usable corpus documents: {reason}")
+    return documents
 
 
 def load_task(config, workdir: str, protocol: ProtocolConfig) -> TaskData:
@@ -94,6 +139,10 @@ def load_task(config, workdir: str, protocol: ProtocolConfig) -> TaskData:
         for path in [*train, *evals, *([corpus] if corpus else [])]:
             if not os.path.exists(path):
                 raise FileNotFoundError(f"config task: {path!r} does not exist")
-    documents = read_corpus_jsonl(corpus) if corpus else []
+    on_bad_row = task.get("on_bad_row", "error")
+    documents = _read_corpus(corpus, on_bad_row) if corpus else []
+    for files in (train, evals):  # validated now, so that a bad file fails before any model is built
+        if files:
+            require_rows(files, *read_qa_rows(files, on_bad_row))
     tokenizer = _tokenizer(config, workdir, documents, train + evals, protocol)
-    return TaskData(train, evals, documents, _tools(task, documents), tokenizer)
+    return TaskData(train, evals, documents, _tools(task, documents, corpus), tokenizer)

@@ -10,10 +10,21 @@ from mgrpo_jax.kernels.advantages import (
     GroupStats,
     group_relative_advantages,
     group_statistics,
+    grouped_advantages,
+    grouped_statistics,
     mgrpo_advantages,
+    sub_advantages,
+    sub_group_ids,
 )
-from mgrpo_jax.kernels.logprobs import chunked_token_logprobs, token_entropy, token_logprobs
-from mgrpo_jax.kernels.policy_loss import AGG_MODES, KL_KINDS, aggregate_loss, kl_estimate, policy_loss
+from mgrpo_jax.kernels.logprobs import chunked_token_logprobs, filter_logits, token_entropy, token_logprobs
+from mgrpo_jax.kernels.policy_loss import (
+    AGG_MODES,
+    KL_KINDS,
+    aggregate_denominator,
+    aggregate_loss,
+    kl_estimate,
+    policy_loss,
+)
 
 __all__ = [
     "AGG_MODES",
@@ -21,13 +32,19 @@ __all__ = [
     "SCALES",
     "SUB_GROUPS",
     "GroupStats",
+    "aggregate_denominator",
     "aggregate_loss",
     "chunked_token_logprobs",
+    "filter_logits",
     "group_relative_advantages",
     "group_statistics",
+    "grouped_advantages",
+    "grouped_statistics",
     "kl_estimate",
     "mgrpo_advantages",
     "policy_loss",
+    "sub_advantages",
+    "sub_group_ids",
     "token_entropy",
     "token_logprobs",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mgrpo_jax.kernels._checks import check_option, check_rank, check_same_shape
 
@@ -46,7 +47,38 @@ def kl_estimate(logp, ref_logp, *, kind: str = "k3", clamp: float | None = None)
     return kl if clamp is None else jnp.clip(kl, -clamp, clamp)
 
 
-def aggregate_loss(per_token, mask, *, mode: str, max_len: int | None = None, weights=None):
+def aggregate_denominator(token_count, weights=None, *, mode: str, max_len: int):
+    """The loss denominator that sequences with `token_count` valid tokens contribute (see `aggregate_loss`).
+
+        token-mean: sum w n;  seq-mean-token-mean, seq-mean-token-sum: sum w [n > 0];
+        seq-mean-token-sum-norm: max_len sum w [n > 0]
+
+    Args:
+      token_count: [N] valid tokens (or summed mask weights) per sequence.
+      weights: [N] per-sequence weights, or None (all 1).
+    Returns a float32 scalar. A trainer that leaves sequences out of a pass (e.g. their per-token loss is exactly
+    zero) adds their denominator with this, so the loss of the sequences it does run keeps its exact scale.
+    """
+    check_option("mode", mode, AGG_MODES)
+    # NumPy in, NumPy out: a trainer calls this on the host for every batch, where jnp would compile per shape.
+    xp = np if isinstance(token_count, np.ndarray) and (weights is None or isinstance(weights, np.ndarray)) else jnp
+    n = xp.asarray(token_count).astype(_f32)
+    w = xp.ones(n.shape, _f32) if weights is None else xp.asarray(weights).astype(_f32)
+    if mode == "token-mean":
+        return xp.sum(w * n)
+    seqs = xp.sum(w * (n > 0).astype(_f32))
+    return max_len * seqs if mode == "seq-mean-token-sum-norm" else seqs
+
+
+def _per_segment(reduce, values, segment_ids):
+    """reduce (jax.ops.segment_sum / segment_max) of [B, T] `values` per (row, segment): a flat [B * (T + 1)]
+    array, entry b * (T + 1) + s for segment s of row b (segment ids lie in [0, T])."""
+    rows, row_len = values.shape
+    flat_ids = (jnp.arange(rows, dtype=jnp.int32)[:, None] * (row_len + 1) + segment_ids).reshape(-1)
+    return reduce(values.reshape(-1), flat_ids, num_segments=rows * (row_len + 1))
+
+
+def aggregate_loss(per_token, mask, *, mode: str, max_len: int | None = None, weights=None, segment_ids=None):
     """Reduces a per-token loss to `(total, denominator)`; the loss is total / denominator.
 
     With per-sequence weights w (default 1), m the token mask, and only sequences with a valid token
@@ -57,41 +89,51 @@ def aggregate_loss(per_token, mask, *, mode: str, max_len: int | None = None, we
         seq-mean-token-sum-norm: total = sum_b w_b sum_t m l          denom = max_len sum_b w_b s_b
     (Dr. GRPO; `max_len` is a constant, by default T, the padded length of the batch.)
 
+    A *sequence* is a row, or, with `segment_ids`, one segment of a packed row: rows then hold several
+    sequences side by side (segment ids 1, 2, ...; 0 marks padding that belongs to none), and the sums above
+    run per (row, segment), so packing trajectories into rows changes nothing but the layout.
+
     Args:
       per_token: [B, T] loss per token, any float dtype (reduced in float32).
       mask: [B, T] token mask (bool or float weights).
-      weights: [B] per-sequence weights, or None.
+      weights: [B] per-sequence weights, or None; with `segment_ids`, [B, T]: each segment's weight on its
+        tokens (constant within a segment; weights must be >= 0).
+      segment_ids: None, or [B, T] int segment ids in [0, T].
     Returns:
       (total, denominator): float32 scalars. Summing both over micro-batches gives the global loss.
     """
     check_option("mode", mode, AGG_MODES)
     check_rank("per_token", per_token, 2, "[B, T]")
-    check_same_shape(per_token=per_token, mask=mask)
-    if weights is not None and tuple(jnp.shape(weights)) != tuple(jnp.shape(per_token))[:1]:
-        raise ValueError(
-            f"weights must be [B] per sequence; got weights {tuple(jnp.shape(weights))} "
-            f"for per_token {tuple(jnp.shape(per_token))}"
-        )
+    check_same_shape(per_token=per_token, mask=mask, segment_ids=segment_ids)
+    shape = tuple(jnp.shape(per_token))
+    want_weights = shape if segment_ids is not None else shape[:1]
+    if weights is not None and tuple(jnp.shape(weights)) != want_weights:
+        layout = "[B, T] per token of each segment" if segment_ids is not None else "[B] per sequence"
+        raise ValueError(f"weights must be {layout}; got weights {tuple(jnp.shape(weights))} "
+                         f"for per_token {shape}")
     if max_len is None:
-        max_len = jnp.shape(per_token)[1]
+        max_len = shape[1]
     elif not max_len > 0:
         raise ValueError(f"max_len must be > 0, got {max_len!r}")
 
     m = jnp.asarray(mask).astype(_f32)
-    w = jnp.ones(jnp.shape(per_token)[:1], _f32) if weights is None else jnp.asarray(weights).astype(_f32)
-    token_sum = jnp.sum(jnp.asarray(per_token).astype(_f32) * m, axis=1)  # [B]
-    token_count = jnp.sum(m, axis=1)  # [B]
-    has_tokens = (token_count > 0).astype(_f32)
+    loss = jnp.asarray(per_token).astype(_f32) * m
+    if segment_ids is None:
+        w = jnp.ones(shape[:1], _f32) if weights is None else jnp.asarray(weights).astype(_f32)
+        token_sum, token_count = jnp.sum(loss, axis=1), jnp.sum(m, axis=1)  # [B]
+    else:
+        seg = jnp.asarray(segment_ids).astype(jnp.int32)
+        m = jnp.where(seg > 0, m, 0.0)
+        token_sum = _per_segment(jax.ops.segment_sum, jnp.where(seg > 0, loss, 0.0), seg)
+        token_count = _per_segment(jax.ops.segment_sum, m, seg)
+        w_tok = jnp.ones(shape, _f32) if weights is None else jnp.asarray(weights).astype(_f32)
+        # A segment's weight is constant over its tokens: the max over them reads it without round-off.
+        w = jnp.where(token_count > 0, _per_segment(jax.ops.segment_max, w_tok, seg), 0.0)
 
-    if mode == "token-mean":
-        return jnp.sum(w * token_sum), jnp.sum(w * token_count)
+    denominator = aggregate_denominator(token_count, w, mode=mode, max_len=max_len)
     if mode == "seq-mean-token-mean":
-        seq_mean = token_sum / jnp.where(token_count > 0, token_count, 1.0)
-        return jnp.sum(w * seq_mean), jnp.sum(w * has_tokens)
-    seqs = jnp.sum(w * has_tokens)
-    if mode == "seq-mean-token-sum":
-        return jnp.sum(w * token_sum), seqs
-    return jnp.sum(w * token_sum), max_len * seqs
+        return jnp.sum(w * token_sum / jnp.where(token_count > 0, token_count, 1.0)), denominator
+    return jnp.sum(w * token_sum), denominator
 
 
 def policy_loss(
@@ -112,6 +154,7 @@ def policy_loss(
     kl_clamp: float | None = None,
     entropy=None,
     entropy_coef: float = 0.0,
+    segment_ids=None,
 ):
     """The clipped surrogate loss with optional dual clip, KL penalty and entropy bonus.
 
@@ -128,6 +171,8 @@ def policy_loss(
       mask: [B, T], 1 on the agent's own sampled tokens.
       ref_logp: [B, T] reference log-probs; required when kl_coef != 0.
       entropy: [B, T] per-token entropy; required when entropy_coef != 0.
+      segment_ids: None, or [B, T] segment ids of packed rows (several sequences per row); `weights` is then
+        [B, T] and `agg` reduces per segment (see `aggregate_loss`).
     Returns:
       (total, denominator, metrics): float32 scalars and a dict of token means over the mask:
       clip_frac_low (A < 0, ratio < 1 - eps_low), clip_frac_high (A > 0, ratio > 1 + eps_high),
@@ -179,7 +224,8 @@ def policy_loss(
         if not _static_zero(entropy_coef):
             loss = loss - entropy_coef * ent
 
-    total, denominator = aggregate_loss(loss, mask, mode=agg, max_len=max_len, weights=weights)
+    total, denominator = aggregate_loss(loss, mask, mode=agg, max_len=max_len, weights=weights,
+                                        segment_ids=segment_ids)
     m = jnp.asarray(mask).astype(_f32)
     n_tokens = jnp.sum(m)
     safe_n = jnp.where(n_tokens > 0, n_tokens, 1.0)

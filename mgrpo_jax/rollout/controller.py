@@ -19,10 +19,20 @@ failure (its `finish_reason` says which limit). So do malformed turns (`finish_r
 A sub-agent whose generation backend is unreachable (`GenerationUnavailableError`, the decoupled mode's
 service down past its deadline) ends those sub episodes with `finish_reason="generation_failed"`; the main
 episodes see "[sub-agent failed: generation_failed]" and go on.
+
+Infrastructure failures are recorded, never learned from silently: a tool call that timed out or failed
+(`rollout.tools`: status "timeout" / "error", as opposed to a bad argument, which is the model's doing) and a
+"generation_failed" sub episode each add 1 to the episode's `Trajectory.infra_failures`, and a main episode
+adds the counts of the sub episodes it delegated, so `main.infra_failures > 0` marks every rollout an outage
+touched (the trainer leaves those out of both agents' updates). Per step, `RolloutBatch.stats` counts each
+tool's calls, failures, timeouts, bad arguments and failure rate (`tool/<name>/...`) and the marked rollouts
+(`infra_failed_rollouts`); when more than `ControllerConfig.max_tool_failure_rate` of one tool's calls in a
+`run` failed, `run` raises ToolFailureError instead of returning a batch that mostly measures the outage.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +43,9 @@ import numpy as np
 
 from mgrpo_jax.rollout.protocol import AgentProtocol
 from mgrpo_jax.rollout.sampler import Sample
+from mgrpo_jax.rollout.tools import INFRA_FAILURE_STATUSES, OUTCOME_STATUSES, ToolOutcome
+
+log = logging.getLogger(__name__)
 
 FINISH_OK = ("answer", "result")
 FINISH_FAILED = ("format_error", "max_turns", "max_context", "max_delegations", "generation_failed")
@@ -42,6 +55,12 @@ class GenerationUnavailableError(RuntimeError):
     """A policy's generation backend stayed unreachable past its deadline (e.g. the decoupled mode's sub-agent
     service, `train.service.RemoteSubPolicy`). For sub-agent episodes the controller ends the affected episodes
     with finish_reason "generation_failed" (a format failure) instead of failing the whole rollout."""
+
+
+class ToolFailureError(RuntimeError):
+    """More than `controller.max_tool_failure_rate` of one tool's calls in a rollout batch failed for
+    infrastructure reasons (timeouts, service or connection errors): the run stops rather than train on an
+    outage. The message names the tool, the counts and the first failure."""
 
 
 class Policy(Protocol):
@@ -74,30 +93,33 @@ class SamplerPolicy:
         return self.sampler.generate(self.params, prompts, rng, stop_sequences)
 
 
-ToolRunner = Callable[[Sequence[tuple[str, str]]], list[str]]
-"""Runs (tool name, argument) calls concurrently; returns one observation text per call, never raises."""
+ToolRunner = Callable[[Sequence[tuple[str, str]]], list[ToolOutcome | str]]
+"""Runs (tool name, argument) calls concurrently; returns one ToolOutcome per call (a plain str counts as an
+answered call), never raises."""
 
 
 class ToolSet:
     """A `ToolRunner` over named tools (`mgrpo_jax.rollout.tools.Tool`): one turn's calls are grouped by tool
-    and each group runs through the tool's concurrent, timed `call_many` (failures become error observations)."""
+    and each group runs through the tool's concurrent, timed `call_outcomes` (failures become error observations
+    with their status)."""
 
     def __init__(self, tools: Mapping[str, Any]):
         self.tools = dict(tools)
 
-    def __call__(self, calls: Sequence[tuple[str, str]]) -> list[str]:
-        out: list[str | None] = [None] * len(calls)
+    def __call__(self, calls: Sequence[tuple[str, str]]) -> list[ToolOutcome]:
+        out: list[ToolOutcome | None] = [None] * len(calls)
         by_tool: dict[str, list[int]] = {}
         for i, (name, _) in enumerate(calls):
             by_tool.setdefault(name, []).append(i)
         for name, idx in by_tool.items():
             tool = self.tools.get(name)
-            if tool is None:
-                texts = [f"[{name} error: no such tool; available: {sorted(self.tools)}]"] * len(idx)
+            if tool is None:  # the model chose an action this task has no tool for: its doing, not an outage
+                text = f"[{name} error: no such tool; available: {sorted(self.tools)}]"
+                outcomes = [ToolOutcome(name, text, "bad_argument")] * len(idx)
             else:
-                texts = tool.call_many([calls[i][1] for i in idx])
-            for i, text in zip(idx, texts):
-                out[i] = text
+                outcomes = tool.call_outcomes([calls[i][1] for i in idx])
+            for i, outcome in zip(idx, outcomes):
+                out[i] = outcome
         return out
 
 
@@ -111,6 +133,9 @@ class ControllerConfig:
     max_main_context: int = 2048
     max_sub_context: int = 1024
     max_observation_tokens: int = 256
+    # A run stops (ToolFailureError) when more than this share of one tool's calls in a rollout batch failed
+    # for infrastructure reasons; 1.0 never stops, 0.0 stops at the first failure.
+    max_tool_failure_rate: float = 0.5
     main_system_prompt: str = (
         "You answer questions by delegating research. Each turn, write exactly one action: "
         "<delegate>a self-contained sub-question</delegate> to have a research assistant find a fact, or "
@@ -131,6 +156,10 @@ class ControllerConfig:
                 raise ValueError(f"controller.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_delegations < 0:
             raise ValueError(f"controller.max_delegations must be >= 0, got {self.max_delegations}")
+        rate = self.max_tool_failure_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"controller.max_tool_failure_rate must be a number in [0, 1] (the share of a tool's "
+                             f"calls per step that may fail; 1.0 never stops), got {rate!r}")
 
 
 @dataclasses.dataclass
@@ -140,6 +169,9 @@ class Trajectory:
     tokens, loss_mask, logprobs: [L] (prompt + every turn). loss_mask is 1 exactly on the tokens this agent
     sampled; logprobs holds their behaviour log-probs (0 elsewhere). turns: [start, end) of each sampled span.
     Ids: `query`, `rollout` (k), `call` (i-th delegation of that rollout; -1 for a main trajectory).
+    infra_failures: infrastructure failures this episode met (module docstring): its own tool calls that timed
+    out or failed, 1 for a "generation_failed" sub episode, and for a main episode also those of every sub
+    episode it delegated. > 0 on a main trajectory: the whole rollout was touched by an outage.
     """
 
     agent: str
@@ -157,6 +189,7 @@ class Trajectory:
     policy_version: int
     tool_calls: int = 0
     truncated_observations: int = 0
+    infra_failures: int = 0
 
     @property
     def format_ok(self) -> bool:
@@ -172,7 +205,9 @@ class RolloutBatch:
     """All trajectories of Q queries x K rollouts.
 
     main: Q*K trajectories in (query, rollout) order. sub: every sub trajectory in (query, rollout, call)
-    order (the flat order `train.alignment` indexes). sub_counts: [Q, K] d_k.
+    order (the flat order `train.alignment` indexes). sub_counts: [Q, K] d_k. stats: scalars of the batch
+    (timings, finish reasons, `tool/<name>/{calls,failures,timeouts,bad_arguments,failure_rate}`,
+    `tool_failures`, `infra_failed_rollouts`, `infra_failed_sub_episodes`), logged as `rollout/<key>`.
     """
 
     main: list[Trajectory]
@@ -204,6 +239,11 @@ class _Episode:
         self.traj.loss_mask += [1] * len(sample.tokens)
         self.traj.logprobs += [float(x) for x in sample.logprobs]
         self.traj.turns.append((start, len(self.traj.tokens)))
+        # A served sample (train/service.py) names the policy version that generated it: the record is as old as
+        # its oldest turn, whatever version the client had seen when the episode began.
+        served = getattr(sample, "policy_version", None)
+        if served is not None:
+            self.traj.policy_version = served if self.turns == 0 else min(self.traj.policy_version, served)
         self.turns += 1
 
     def add_observation(self, ids: list[int], truncated: bool) -> None:
@@ -286,6 +326,7 @@ class Controller:
             raise ValueError(f"need at least one question and num_rollouts >= 1, got {len(questions)}, {num_rollouts}")
         cfg, started = self.config, time.perf_counter()
         timers = Counter()
+        tool_log = _ToolLog()
         system = cfg.main_system_prompt if self.delegate_action else cfg.single_system_prompt
         agent = "main" if self.delegate_action else "single"
         prompts = [self.codec.prompt(system, q) for q in questions]
@@ -314,13 +355,15 @@ class Controller:
                     ep.delegations += 1
                 else:
                     calls.append((ep, action.kind, action.argument))
-            observations = self._run_tools(calls, self.main_protocol, timers)
+            observations = self._run_tools(calls, self.main_protocol, timers, tool_log)
             if delegations:
                 t0 = time.perf_counter()
-                results, finished = self._run_sub_episodes(delegations, sub_key, timers)
+                results, finished = self._run_sub_episodes(delegations, sub_key, timers, tool_log)
                 timers["sub_episodes_s"] += time.perf_counter() - t0
                 subs += finished
                 observations += [(ep, text) for (ep, _), text in zip(delegations, results)]
+                for (ep, _), sub_ep in zip(delegations, finished):  # an outage in a delegation marks its rollout
+                    ep.traj.infra_failures += sub_ep.traj.infra_failures
             for ep, text in observations:
                 ids, truncated = self.codec.observation(self.main_protocol, text)
                 ep.add_observation(ids, truncated)
@@ -336,6 +379,10 @@ class Controller:
         stats.update(_finish_counts(f"{agent}_finish", main))
         stats.update(_finish_counts("sub_finish", sub))
         stats["delegations_per_rollout"] = float(counts.mean())
+        stats.update(tool_log.stats(getattr(self.tools, "tools", {})))
+        stats["infra_failed_rollouts"] = sum(t.infra_failures > 0 for t in main)
+        stats["infra_failed_sub_episodes"] = sum(t.infra_failures > 0 for t in sub)
+        tool_log.check(cfg.max_tool_failure_rate)
         return RolloutBatch(main, sub, counts, stats)
 
     def _admit(self, episodes: list[_Episode], max_context: int, policy) -> list[_Episode]:
@@ -367,16 +414,25 @@ class Controller:
         ep.traj.tool_calls += 1
         return action
 
-    def _run_tools(self, calls, protocol: AgentProtocol, timers: Counter) -> list[tuple[_Episode, str]]:
+    def _run_tools(self, calls, protocol: AgentProtocol, timers: Counter,
+                   tool_log: _ToolLog) -> list[tuple[_Episode, str]]:
         if not calls:
             return []
         t0 = time.perf_counter()
-        texts = self.tools([(kind, argument) for _, kind, argument in calls])
+        outcomes = self.tools([(kind, argument) for _, kind, argument in calls])
         timers["tool_s"] += time.perf_counter() - t0
         timers["tool_calls"] += len(calls)
-        return [(ep, text) for (ep, _, _), text in zip(calls, texts)]
+        out = []
+        for (ep, kind, _), outcome in zip(calls, outcomes):
+            if isinstance(outcome, str):  # a plain ToolRunner: an answered call
+                outcome = ToolOutcome(kind, outcome, "ok")
+            tool_log.add(outcome)
+            ep.traj.infra_failures += int(outcome.infra_failure)
+            out.append((ep, outcome.observation))
+        return out
 
-    def _run_sub_episodes(self, delegations, rng, timers: Counter) -> tuple[list[str], list[_Episode]]:
+    def _run_sub_episodes(self, delegations, rng, timers: Counter,
+                          tool_log: _ToolLog) -> tuple[list[str], list[_Episode]]:
         """Runs one sub-agent episode per delegation, all in lockstep; returns the main agent's observations."""
         cfg = self.config
         episodes = []
@@ -396,6 +452,7 @@ class Controller:
                 # The delegations fail; the main episodes get "[sub-agent failed: generation_failed]" and go on.
                 for ep in active:
                     ep.end("generation_failed", str(err))
+                    ep.traj.infra_failures += 1
                 timers["sub_generation_failures"] += len(active)
                 continue
             finally:
@@ -405,12 +462,57 @@ class Controller:
                 action = self._take_turn(ep, sample, self.sub_protocol, cfg.max_sub_turns)
                 if action is not None:
                     calls.append((ep, action.kind, action.argument))
-            for ep, text in self._run_tools(calls, self.sub_protocol, timers):
+            for ep, text in self._run_tools(calls, self.sub_protocol, timers, tool_log):
                 ids, truncated = self.codec.observation(self.sub_protocol, text)
                 ep.add_observation(ids, truncated)
         results = [e.traj.final if e.traj.format_ok else f"[sub-agent failed: {e.traj.finish_reason}]"
                    for e in episodes]
         return results, episodes
+
+
+class _ToolLog:
+    """One `run`'s tool calls by tool and outcome status, and each tool's first infrastructure failure."""
+
+    def __init__(self):
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.first_failure: dict[str, str] = {}
+
+    def add(self, outcome: ToolOutcome) -> None:
+        self.counts[outcome.tool, outcome.status] += 1
+        if outcome.infra_failure:
+            self.first_failure.setdefault(outcome.tool, outcome.observation)
+
+    def _tool(self, name: str) -> tuple[int, int]:
+        calls = sum(self.counts[name, status] for status in OUTCOME_STATUSES)
+        return calls, sum(self.counts[name, status] for status in INFRA_FAILURE_STATUSES)
+
+    def stats(self, known_tools) -> dict[str, float]:
+        """`tool/<name>/...` for every known tool (0 calls included, so every step logs the same keys)."""
+        out: dict[str, float] = {}
+        for name in sorted(set(known_tools) | {tool for tool, _ in self.counts}):
+            calls, failures = self._tool(name)
+            out.update({f"tool/{name}/calls": calls, f"tool/{name}/failures": failures,
+                        f"tool/{name}/timeouts": self.counts[name, "timeout"],
+                        f"tool/{name}/bad_arguments": self.counts[name, "bad_argument"],
+                        f"tool/{name}/failure_rate": failures / calls if calls else 0.0})
+        out["tool_failures"] = sum(n for (_, status), n in self.counts.items() if status in INFRA_FAILURE_STATUSES)
+        return out
+
+    def check(self, max_rate: float) -> None:
+        """Raises ToolFailureError for a tool whose failure share is over `max_rate`; logs the others' failures."""
+        for name in sorted({tool for tool, _ in self.counts}):
+            calls, failures = self._tool(name)
+            if failures and failures / calls <= max_rate:
+                log.warning("tool %r failed %d of its %d calls in this rollout batch (the rollouts they touched are "
+                            "marked infra_failures); the first failure: %s", name, failures, calls,
+                            self.first_failure[name])
+            elif failures:
+                raise ToolFailureError(
+                    f"tool {name!r} failed {failures} of its {calls} calls in this rollout batch "
+                    f"({self.counts[name, 'timeout']} timeouts, {self.counts[name, 'error']} errors), more than "
+                    f"controller.max_tool_failure_rate={max_rate}; the first failure: {self.first_failure[name]}. "
+                    "Fix the tool or its service (for search: task.retriever_url, or the corpus), or raise "
+                    "controller.max_tool_failure_rate (1.0 never stops)")
 
 
 def _finish_counts(prefix: str, trajectories: Sequence[Trajectory]) -> dict[str, int]:

@@ -6,8 +6,21 @@ A tool call never raises and never hangs: a failure becomes an error observation
     [search error: timed out after 5.0s]
     [read error: unknown doc id 'doc-99999'; use an id from the search results]
 
-and is counted per tool (`Tool.stats()`: calls, errors, bad_arguments, timeouts), so the trainer can log
-tool health next to the rewards. `call_many` runs a batch of calls concurrently with one deadline.
+and is counted per tool (`Tool.stats()`: calls, errors, bad_arguments, timeouts). `call_many` runs a batch of
+calls concurrently with one deadline; `call_outcomes` does the same and says how each call ended
+(`ToolOutcome.status`), which is what separates the model's mistakes from infrastructure failures:
+
+    "ok"            the tool answered
+    "bad_argument"  ToolInputError: the agent's argument cannot be used (empty query, unknown doc id). The
+                    model's fault: the observation is ordinary learning signal.
+    "timeout"       the call ran out of its time budget (a hung tool, a service that does not answer)
+    "error"         any other exception: RetrievalError (the service failed or answered nonsense), connection
+                    errors (OSError, URLError), a bug in the tool. Not the model's fault.
+
+"timeout" and "error" are infrastructure failures (`ToolOutcome.infra_failure`): the controller marks every
+trajectory they touch (`Trajectory.infra_failures`) so that an outage does not become learning signal, and
+stops a step in which too large a share of calls failed. `Tool.check()` makes one real call at start-up (a
+retriever that does not answer fails the run before any model is built).
 
 The HTTP API is Search-R1's `/retrieve` (so its dense retrievers plug in unchanged):
 
@@ -54,7 +67,29 @@ class ToolTimeout(TimeoutError):
 
 
 class RetrievalError(RuntimeError):
-    """The retrieval service answered, but not with a usable `/retrieve` response."""
+    """The retrieval service failed: it did not answer, or not with a usable `/retrieve` response."""
+
+
+class ToolCheckError(RuntimeError):
+    """A tool failed its start-up check (`Tool.check`); the message names the tool and what to fix."""
+
+
+OUTCOME_STATUSES = ("ok", "bad_argument", "timeout", "error")
+INFRA_FAILURE_STATUSES = ("timeout", "error")  # not the model's fault (module docstring)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolOutcome:
+    """How one call ended: the observation the agent sees and a status of OUTCOME_STATUSES."""
+
+    tool: str
+    observation: str
+    status: str
+
+    @property
+    def infra_failure(self) -> bool:
+        """A timeout or a tool/service error: infrastructure, not the model's argument."""
+        return self.status in INFRA_FAILURE_STATUSES
 
 
 @dataclasses.dataclass
@@ -98,7 +133,8 @@ class Tool:
     Subclasses implement `run(argument) -> str`, which may raise (ToolInputError for a bad argument, any
     other exception for a failure), and may implement `run_batch(arguments) -> list[str | Exception]` to
     serve a whole `call_many` in one go (one BM25 pass, one HTTP request); a batched tool sets
-    `batched = True`.
+    `batched = True`. A subclass that can be probed returns an argument from `probe_argument()` (used by
+    `check()` at start-up) and says what to fix in `check_hint()`.
 
     Every call runs in a daemon thread and the caller waits at most `timeout_s`: a hung call is abandoned
     (its thread keeps running; daemon, so it cannot hold up interpreter exit, which is why this does not
@@ -146,6 +182,10 @@ class Tool:
           list[str], len(arguments): each the tool's output or an error observation. Never raises for a
           failing or slow tool; raises TypeError only for a non-str argument (a caller bug).
         """
+        return [o.observation for o in self.call_outcomes(arguments, timeout_s=timeout_s)]
+
+    def call_outcomes(self, arguments: Sequence[str], *, timeout_s: float | None = _DEFAULT) -> list[ToolOutcome]:
+        """`call_many`, with how each call ended: one ToolOutcome per argument, in order."""
         args = list(arguments)
         for a in args:
             if not isinstance(a, str):
@@ -194,33 +234,54 @@ class Tool:
             except BaseException as e:  # noqa: BLE001 - every failure becomes an observation
                 fut.set_exception(e)
 
-    def _observe(self, outcomes, timeout: float | None, elapsed_s: float) -> list[str]:
-        """Turns results and exceptions into observations and counts them (all counting happens here, once
-        per call, so a result that arrives after its deadline is never counted twice)."""
-        observations = []
+    def _observe(self, outcomes, timeout: float | None, elapsed_s: float) -> list[ToolOutcome]:
+        """Turns results and exceptions into observations with a status, and counts them (all counting happens
+        here, once per call, so a result that arrives after its deadline is never counted twice)."""
+        out = []
         counts = ToolStats(calls=len(outcomes), busy_s=elapsed_s)
         for r in outcomes:
             if isinstance(r, str):
-                observations.append(r)
+                out.append(ToolOutcome(self.name, r, "ok"))
             elif isinstance(r, ToolTimeout):
                 counts.timeouts += 1
                 after = f" after {timeout:.1f}s" if timeout is not None else ""
-                observations.append(error_observation(self.name, f"timed out{after}"))
+                out.append(ToolOutcome(self.name, error_observation(self.name, f"timed out{after}"), "timeout"))
             elif isinstance(r, ToolInputError):
                 counts.bad_arguments += 1
-                observations.append(error_observation(self.name, str(r)))
-            else:
+                out.append(ToolOutcome(self.name, error_observation(self.name, str(r)), "bad_argument"))
+            else:  # RetrievalError, OSError, a bug in the tool: infrastructure (module docstring)
                 counts.errors += 1
                 if isinstance(r, BaseException):
                     msg = f"{type(r).__name__}: {r}" if str(r) else type(r).__name__
                 else:
                     msg = f"tool returned {type(r).__name__}, not str"
                 log.debug("tool %s failed: %s", self.name, msg)
-                observations.append(error_observation(self.name, msg))
+                out.append(ToolOutcome(self.name, error_observation(self.name, msg), "error"))
         with self._stats_lock:
             for f in dataclasses.fields(ToolStats):
                 setattr(self._stats, f.name, getattr(self._stats, f.name) + getattr(counts, f.name))
-        return observations
+        return out
+
+    # -- start-up check -----------------------------------------------------------------------------------
+
+    def probe_argument(self) -> str | None:
+        """An argument for `check`'s real call (None: this tool has nothing to probe)."""
+        return None
+
+    def check_hint(self) -> str:
+        """What to fix when `check` fails (subclasses name their service or data)."""
+        return "check the tool's configuration"
+
+    def check(self) -> None:
+        """One real call with `probe_argument()`, for start-up: raises ToolCheckError naming the tool, what
+        failed and `check_hint()` unless the tool answers normally. Counted in `stats()` like any call."""
+        probe = self.probe_argument()
+        if probe is None:
+            return
+        outcome = self.call_outcomes([probe])[0]
+        if outcome.status != "ok":
+            raise ToolCheckError(f"tool {self.name!r} failed its start-up check: a probe call ({probe!r}) ended "
+                                 f"with {outcome.status}: {outcome.observation}; {self.check_hint()}")
 
     # -- counters -----------------------------------------------------------------------------------------
 
@@ -326,6 +387,9 @@ class SearchTool(Tool):
     def retrieve_many(self, queries: Sequence[str], k: int | None = None) -> list[list[SearchHit]]:
         raise NotImplementedError
 
+    def probe_argument(self) -> str:
+        return "test"
+
     def _checked(self, queries: Sequence[str], k: int | None) -> tuple[list[str], int]:
         """Validated queries and k (default `top_k`); raises ToolInputError / ValueError."""
         k = self.top_k if k is None else k
@@ -383,7 +447,11 @@ class LocalSearch(SearchTool):
         self._bm25s = bm25s
         self._index = bm25s.BM25(k1=k1, b=b, backend="numpy")
         # Titles are indexed with the text: an entity's name is the first thing an agent searches for.
-        self._index.index(self._tokenize([f"{d.title}\n{d.text}" for d in self.documents]), show_progress=False)
+        corpus_tokens = self._tokenize([f"{d.title}\n{d.text}" for d in self.documents])
+        if not any(corpus_tokens):  # bm25s would fail deep inside with "max() arg is an empty sequence"
+            raise ValueError(f"LocalSearch: none of the {len(self.documents)} documents has a searchable word (they "
+                             "are empty or only stop words); give the corpus documents with text")
+        self._index.index(corpus_tokens, show_progress=False)
         self._vocab = set(self._index.vocab_dict)
         self._lock = threading.Lock()  # bm25s does not document thread safety; retrieval is fast anyway
 
@@ -406,6 +474,9 @@ class LocalSearch(SearchTool):
 
     def retrieve(self, query: str, k: int | None = None) -> list[SearchHit]:
         return self.retrieve_many([query], k)[0]
+
+    def check_hint(self) -> str:
+        return f"the BM25 index over {len(self.documents)} documents does not answer; check the corpus"
 
 
 class ReadDocument(Tool):
@@ -438,6 +509,12 @@ class ReadDocument(Tool):
         if len(out) > self.max_chars:
             out = out[: self.max_chars - len(" ... [truncated]")] + " ... [truncated]"
         return out
+
+    def probe_argument(self) -> str | None:
+        return next(iter(self._by_id), None)
+
+    def check_hint(self) -> str:
+        return "check the corpus"
 
 
 # -------------------------------------------------------------------------------------- HTTP client
@@ -513,6 +590,10 @@ class HttpRetriever(SearchTool):
             got = f"{len(result)} result lists" if isinstance(result, list) else repr(payload)[:200]
             raise RetrievalError(f"expected {{'result': [...]}} with {len(queries)} lists, got {got}")
         return [[_parse_hit(item) for item in hits] for hits in result]
+
+    def check_hint(self) -> str:
+        return (f"is a Search-R1 compatible retrieval service running at {self.url}? Start it, or point the client "
+                "at the host and port where it runs")
 
     def _post(self, body: bytes) -> Any:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s

@@ -1,16 +1,29 @@
-"""One agent's trainer: its mesh, parameters, optimizer, and one jitted, donated update of a fixed shape.
+"""One agent's trainer: its mesh, parameters, optimizer, and an update made of programs of fixed shapes.
 
-The update (`build_train_step`) is one program (purejaxrl style): `ppo_epochs` (mu) iterations, each a
-`lax.scan` over micro-batches that accumulates gradients of the loss *totals* and the loss *denominators*,
-then one optimizer step with gradients = sum(d total) / sum(denominator). So the loss of the update equals
-the kernels' loss on the whole batch, whatever the micro-batching (LESSONS.md, item 4).
+A batch is packed trajectories (`train.batch.PackedBatch`): micro-batches of one shape `[rows, row_len]`, as
+many as the step's tokens need. The update (`build_update_programs`) is three jitted programs, each compiled
+once per run whatever the number of micro-batches:
 
-A non-finite loss or gradient skips that optimizer step: parameters and optimizer state stay exactly as
-they were, and the skip is counted in the metrics.
+  accumulate(params, acc, micro_batch) -> acc     gradients of the loss *total*, the *denominator*, and
+                                                  token-weighted metric sums, added into a donated accumulator;
+  apply(params, opt_state, acc, offset) -> ...    one optimizer step with gradients sum(d total) / (sum(denominator)
+                                                  + offset), so the update equals the kernels' loss on the whole
+                                                  batch, whatever the micro-batching (LESSONS.md, item 4);
+  score(params, micro_batch) -> log-probs          the trainer's own log-probs (TIS) and the reference model's (KL).
+
+`ppo_epochs` (mu) repeats accumulate-then-apply. The host only enqueues programs (JAX dispatch is asynchronous),
+so several agents' updates still run concurrently on their own devices.
+
+A non-finite loss or gradient skips that optimizer step: parameters and optimizer state stay exactly as they
+were, and the skip is counted. An update with no learning signal at all (no loss token, or, for the policy
+gradient without KL/entropy terms, only zero advantages) is not dispatched: no optimizer step, no weight decay,
+no momentum, no policy-version bump (LESSONS.md, item 20); it is counted as `skipped_empty`. This differs from
+a plain AdamW step, which would still move the weights through momentum and decay.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -19,14 +32,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mgrpo_jax.kernels import AGG_MODES, KL_KINDS, aggregate_loss, chunked_token_logprobs, policy_loss
-from mgrpo_jax.sharding import (
-    DEFAULT_RULES,
-    batch_sharding,
-    born_sharded_opt_state,
-    jit_sharded_step,
-    put_batch,
-)
+from mgrpo_jax.kernels import AGG_MODES, KL_KINDS, aggregate_denominator, aggregate_loss, chunked_token_logprobs, \
+    policy_loss
+from mgrpo_jax.sharding import DEFAULT_RULES, batch_sharding, born_sharded_opt_state, data_parallel_size, put_batch
+from mgrpo_jax.train.batch import PackedBatch, Segment, pack
 
 SCHEDULES = ("constant", "cosine", "linear")
 OBJECTIVES = ("pg", "sft")
@@ -85,8 +94,17 @@ class LossConfig:
       total = sum_b w_b sum_t m_bt (-log p_bt), denominator = sum_b w_b sum_t m_bt. It reads no advantages or
       behaviour log-probs, so the clip, `agg` and `max_len_norm` settings do not apply to it; the KL,
       entropy and TIS terms are errors with it rather than silently dropped.
-    temperature: the sampler's; log-probs are recomputed under the same tempered distribution.
-    ppo_epochs: mu, passes over the batch per update. micro_batch_size: rows per scanned micro-batch.
+    temperature, top_k, top_p: the sampler's; log-probs are recomputed under the same tempered, filtered
+      distribution (the top-k / top-p set is a function of the logits, so the trainer recomputes it exactly; a
+      sampled token outside the trainer's set, possible only off-policy, is left out of the loss and counted).
+    ppo_epochs: mu, passes over the batch per update (each pass is one optimizer step on the whole batch).
+    micro_batch_size: packed rows per micro-batch (a multiple of the mesh's data-parallel size).
+    pack_len: tokens per packed row; 0 = the agent's context limit (the experiment resolves it), so that every
+      trajectory fits in one row.
+    max_len_norm: the constant of `seq-mean-token-sum-norm`; None = the agent's context limit.
+    skip_zero_advantage: leave segments whose loss is exactly zero (advantage 0, no KL or entropy term) out of
+      the forward and backward passes; their denominator still counts, so the update is unchanged and only
+      cheaper. Token-mean metrics (entropy, clip fractions) are then over the trained tokens.
     tis_cap: truncated importance sampling (off-policy correction): when set, the ratio is taken against the
       trainer's own log-probs at the start of the update and each token's advantage is scaled by
       min(exp(trainer_old - behaviour), tis_cap).
@@ -102,10 +120,13 @@ class LossConfig:
     kl_clamp: float | None = 10.0
     entropy_coef: float = 0.0
     temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
     chunk_size: int = 1024
     ppo_epochs: int = 1
     micro_batch_size: int = 8
-    shuffle_seed: int | None = None
+    pack_len: int = 0
+    skip_zero_advantage: bool = True
     tis_cap: float | None = None
     objective: str = "pg"
 
@@ -121,47 +142,65 @@ class LossConfig:
             raise ValueError(f"loss.kl_kind={self.kl_kind!r} is not supported; choose one of {list(KL_KINDS)}")
         if self.ppo_epochs < 1 or self.micro_batch_size < 1 or self.chunk_size < 1:
             raise ValueError("loss.ppo_epochs, loss.micro_batch_size and loss.chunk_size must be >= 1")
+        if self.pack_len < 0 or self.pack_len == 1:
+            raise ValueError(f"loss.pack_len must be 0 (the agent's context limit) or >= 2, got {self.pack_len}")
         if not self.temperature > 0:
             raise ValueError(f"loss.temperature must be > 0 (the sampler's temperature), got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"loss needs top_k >= 0 (0 = off) and 0 < top_p <= 1 (the sampler's), got "
+                             f"{self.top_k}, {self.top_p}")
         if self.tis_cap is not None and not self.tis_cap >= 1:
             raise ValueError(f"loss.tis_cap must be >= 1 or None, got {self.tis_cap}")
 
 
 def sequence_logprobs(model, batch, cfg: LossConfig):
-    """Per-token log-probs and entropies of tokens[:, 1:] given tokens[:, :-1]: ([N, L-1], [N, L-1]) float32."""
-    hidden = model(batch["tokens"][:, :-1], batch["positions"][:, :-1], batch["attention_mask"][:, :-1],
+    """Per-token log-probs and entropies of tokens[:, 1:] given tokens[:, :-1]: ([N, L-1], [N, L-1]) float32.
+    Packed rows: the model attends within each segment only (segment ids) at per-segment positions."""
+    hidden = model(batch["tokens"][:, :-1], batch["positions"][:, :-1], batch["segment_ids"][:, :-1],
                    return_hidden=True)
     return chunked_token_logprobs(hidden, model.unembedding(), batch["tokens"][:, 1:], chunk_size=cfg.chunk_size,
-                                  temperature=cfg.temperature, return_entropy=True)
+                                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, return_entropy=True)
+
+
+def _targets(batch, name: str):
+    """A per-token field aligned with the targets tokens[:, 1:]."""
+    return batch[name][:, 1:]
 
 
 def batch_loss(model, batch, cfg: LossConfig):
-    """(total, denominator, metrics) of the agent's objective on `batch` (any number of rows)."""
+    """(total, denominator, metrics) of the agent's objective on a packed (micro-)batch (`train.batch` layout)."""
     logp, entropy = sequence_logprobs(model, batch, cfg)
-    mask = batch["loss_mask"][:, 1:]
+    mask = _targets(batch, "loss_mask")
+    segments, weights = _targets(batch, "segment_ids"), _targets(batch, "weights")
+    outside = None
+    if cfg.top_k or cfg.top_p < 1:  # a token outside the filtered set has log-prob ~finfo.min: no signal, no loss
+        outside = (mask > 0) & (logp < -1e30)
+        mask = jnp.where(outside, 0, mask)
     if cfg.objective == "sft":
-        return _sft_loss(logp, entropy, mask, batch["weights"])
-    behaviour = batch["old_logp"][:, 1:]
-    advantages = batch["advantages"]
+        return _sft_loss(logp, entropy, mask, weights, segments)
+    behaviour = _targets(batch, "old_logp")
+    advantages = _targets(batch, "advantages")
     old = behaviour
     if cfg.tis_cap is not None:
-        old = batch["trainer_old_logp"][:, 1:]
+        old = _targets(batch, "trainer_old_logp")
         is_weight = jnp.minimum(jnp.exp(old - behaviour), cfg.tis_cap)
-        advantages = advantages[:, None] * jnp.where(mask > 0, is_weight, 0.0)
+        advantages = advantages * jnp.where(mask > 0, is_weight, 0.0)
     total, denom, metrics = policy_loss(
         logp, old, advantages, mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
-        agg=cfg.agg, max_len=cfg.max_len_norm, weights=batch["weights"],
-        ref_logp=batch["ref_logp"][:, 1:] if "ref_logp" in batch else None, kl_coef=cfg.kl_coef,
+        agg=cfg.agg, max_len=cfg.max_len_norm, weights=weights, segment_ids=segments,
+        ref_logp=_targets(batch, "ref_logp") if "ref_logp" in batch else None, kl_coef=cfg.kl_coef,
         kl_kind=cfg.kl_kind, kl_clamp=cfg.kl_clamp, entropy=entropy, entropy_coef=cfg.entropy_coef)
     m = mask.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(m), 1.0)
     metrics["logprob_gap"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp) - behaviour) * m) / n
+    if outside is not None:
+        metrics["outside_filter_frac"] = jnp.sum(outside) / jnp.maximum(jnp.sum(outside) + jnp.sum(m), 1.0)
     return total, denom, metrics
 
 
-def _sft_loss(logp, entropy, mask, weights):
-    """Token-mean NLL: (sum_b w_b sum_t m (-logp), sum_b w_b sum_t m, metrics); metrics are token means."""
-    total, denom = aggregate_loss(-logp, mask, mode="token-mean", weights=weights)
+def _sft_loss(logp, entropy, mask, weights, segments):
+    """Token-mean NLL: (sum w m (-logp), sum w m, metrics); metrics are token means."""
+    total, denom = aggregate_loss(-logp, mask, mode="token-mean", weights=weights, segment_ids=segments)
     m = mask.astype(jnp.float32)
     n = jnp.sum(m)
     safe = jnp.maximum(n, 1.0)
@@ -170,90 +209,108 @@ def _sft_loss(logp, entropy, mask, weights):
     return total, denom, metrics
 
 
-def build_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: LossConfig, num_rows: int):
-    """The pure update `step(params, opt_state, batch) -> (params, opt_state, metrics)` for batches of
-    `num_rows` rows (a multiple of cfg.micro_batch_size). Jit it (see `AgentTrainer`)."""
-    if num_rows % cfg.micro_batch_size:
-        raise ValueError(f"the batch of {num_rows} rows does not divide into micro-batches of "
-                         f"{cfg.micro_batch_size}; choose loss.micro_batch_size dividing it")
-    n_micro = num_rows // cfg.micro_batch_size
+@dataclasses.dataclass(frozen=True)
+class UpdatePrograms:
+    """The pure functions of one agent's update (see the module docstring); `AgentTrainer` jits them.
 
-    def micro_batches(batch, epoch):
-        if cfg.shuffle_seed is not None:
-            order = jax.random.permutation(jax.random.fold_in(jax.random.key(cfg.shuffle_seed), epoch), num_rows)
-            batch = jax.tree.map(lambda x: x[order], batch)
-        return jax.tree.map(lambda x: x.reshape(n_micro, cfg.micro_batch_size, *x.shape[1:]), batch)
+    accumulate(params, acc, micro_batch) -> acc; apply(params, opt_state, acc, denominator_offset) ->
+    (params, opt_state, metrics); score(params, micro_batch) -> [rows, row_len] float32 log-probs (column 0 is
+    0: nothing predicts the first token); zero_acc(params, micro_batch) -> an accumulator of zeros.
+    """
 
-    def accumulate(params, batch, epoch):
-        def one(carry, mb):
-            grads_sum, total_sum, denom_sum = carry
+    accumulate: Any
+    apply: Any
+    score: Any
+    zero_acc: Any
 
-            def total_of(p):
-                total, denom, metrics = batch_loss(nnx.merge(graphdef, p), mb, cfg)
-                return total, (denom, metrics)
 
-            (total, (denom, metrics)), grads = jax.value_and_grad(total_of, has_aux=True)(params)
-            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-            return (grads_sum, total_sum + total, denom_sum + denom), metrics
+def build_update_programs(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                          cfg: LossConfig) -> UpdatePrograms:
+    def accumulate(params, acc, micro):
+        def total_of(p):
+            total, denom, metrics = batch_loss(nnx.merge(graphdef, p), micro, cfg)
+            return total, (denom, metrics)
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, total, denom), metrics = jax.lax.scan(one, init, micro_batches(batch, epoch))
-        safe = jnp.where(denom > 0, denom, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / safe).astype(p.dtype), grads, params)
-        # Micro-batch metrics are token means; weight them by their token counts.
+        (total, (denom, metrics)), grads = jax.value_and_grad(total_of, has_aux=True)(params)
         tokens = metrics.pop("num_tokens")
-        w = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
-        metrics = {k: jnp.sum(v * w) for k, v in metrics.items()}
-        metrics["num_tokens"] = jnp.sum(tokens)
-        return total / safe, grads, metrics
+        # Micro-batch metrics are token means: accumulate them weighted by their token counts.
+        sums = {k: acc["metric_sums"][k] + v * tokens for k, v in metrics.items()}
+        return {"grads": jax.tree.map(jnp.add, acc["grads"], grads), "total": acc["total"] + total,
+                "denominator": acc["denominator"] + denom, "tokens": acc["tokens"] + tokens, "metric_sums": sums}
 
-    def step(params, opt_state, batch):
-        if cfg.tis_cap is not None:  # the trainer's own log-probs before this update
-            logp, _ = sequence_logprobs(nnx.merge(graphdef, params), batch, cfg)
-            batch = {**batch, "trainer_old_logp": jnp.pad(jax.lax.stop_gradient(logp), ((0, 0), (1, 0)))}
+    def zero_acc(params, micro):
+        shapes = jax.eval_shape(lambda: batch_loss(nnx.merge(graphdef, params), micro, cfg)[2])
+        scalar = jnp.zeros((), jnp.float32)
+        return {"grads": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), "total": scalar,
+                "denominator": scalar, "tokens": scalar,
+                "metric_sums": {k: scalar for k in shapes if k != "num_tokens"}}
 
-        def epoch(carry, index):
-            params, opt_state, skipped = carry
-            loss, grads, metrics = accumulate(params, batch, index)
-            grad_norm = optax.tree.norm(grads)
-            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            updates, new_opt_state = tx.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-            metrics = {**metrics, "loss": loss, "grad_norm": grad_norm}
-            return (keep(new_params, params), keep(new_opt_state, opt_state), skipped + (~ok).astype(jnp.int32)), \
-                metrics
+    def apply(params, opt_state, acc, denominator_offset):
+        denom = acc["denominator"] + denominator_offset
+        safe = jnp.where(denom > 0, denom, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / safe).astype(p.dtype), acc["grads"], params)
+        loss = acc["total"] / safe
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        metrics = {k: v / jnp.maximum(acc["tokens"], 1.0) for k, v in acc["metric_sums"].items()}
+        metrics.update(num_tokens=acc["tokens"], loss=loss, grad_norm=grad_norm, skipped_steps=(~ok).astype(jnp.int32))
+        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
-        (params, opt_state, skipped), metrics = jax.lax.scan(
-            epoch, (params, opt_state, jnp.zeros((), jnp.int32)), jnp.arange(cfg.ppo_epochs))
-        # Report the first epoch (on-policy figures: clip fractions, log-prob gap) and the last loss.
-        out = {k: v[0] for k, v in metrics.items()}
-        out["loss_last_epoch"] = metrics["loss"][-1]
-        out["skipped_steps"] = skipped
-        return params, opt_state, out
+    def score(params, micro):
+        logp, _ = sequence_logprobs(nnx.merge(graphdef, params), micro, cfg)
+        return jnp.pad(logp, ((0, 0), (1, 0)))
 
-    return step
+    return UpdatePrograms(accumulate, apply, score, zero_acc)
+
+
+def _has_zero_loss(segment: Segment, cfg: LossConfig) -> bool:
+    """The segment's per-token loss is exactly 0, so it adds nothing to the gradient (only to the denominator)."""
+    return (cfg.objective == "pg" and segment.advantage == 0 and _static_zero(cfg.kl_coef)
+            and _static_zero(cfg.entropy_coef))
+
+
+def _static_zero(x) -> bool:
+    return isinstance(x, (int, float)) and x == 0
+
+
+def _loss_tokens(segment: Segment) -> int:
+    return int(np.sum(segment.trajectory.loss_mask[1:]))  # the first token never carries loss
+
+
+@dataclasses.dataclass
+class PendingUpdate:
+    """A dispatched update: per-epoch device metrics, or nothing when the update was skipped as empty."""
+
+    epoch_metrics: list[dict[str, jax.Array]]
+    batch_stats: dict[str, float]
 
 
 class AgentTrainer:
-    """One agent: parameters and optimizer state sharded on its mesh, and a jitted, donated update.
+    """One agent: parameters and optimizer state sharded on its mesh, and its jitted update programs.
 
-    `update(batch)` takes a host batch (`train.batch.build_batch`) of exactly `num_rows` rows and returns host
-    metrics; it compiles once per run (the batch shape never changes). `dispatch` + `collect` split it so that
-    several agents' updates are dispatched back to back and run concurrently on their own devices. `version`
-    counts updates: the policy version of trajectories sampled with these parameters.
+    `pack(segments)` lays trajectories out in this agent's fixed micro-batch shape ([loss.micro_batch_size,
+    row_len]); `update(batch)` trains on a packed batch and returns host metrics. Every program compiles once
+    per run. `dispatch` + `collect` split `update` so that several agents' updates are dispatched back to back
+    and run concurrently on their own devices. `version` counts updates: the policy version of trajectories
+    sampled with these parameters (an update skipped as empty does not count).
 
     A reference model (`ref_params`, same architecture) is required, and run, only when loss.kl_coef > 0.
     """
 
     def __init__(self, name: str, graphdef: nnx.GraphDef, params: Any, param_shardings: Any,
-                 optimizer: OptimizerConfig, loss: LossConfig, num_rows: int, *, ref_params: Any = None,
-                 rules=DEFAULT_RULES):
+                 optimizer: OptimizerConfig, loss: LossConfig, *, row_len: int, pad_id: int = 0,
+                 ref_params: Any = None, rules=DEFAULT_RULES):
         if loss.kl_coef != 0 and ref_params is None:
             raise ValueError(f"{name}: loss.kl_coef={loss.kl_coef} needs a reference model; pass ref_params "
                              "(e.g. the initial parameters) or set kl_coef=0")
-        self.name, self.graphdef, self.loss_config, self.num_rows = name, graphdef, loss, num_rows
+        if row_len < 2:
+            raise ValueError(f"{name}: row_len must be >= 2, got {row_len}")
+        if loss.max_len_norm is None:
+            loss = dataclasses.replace(loss, max_len_norm=row_len)
+        self.name, self.graphdef, self.loss_config, self.row_len, self.pad_id = name, graphdef, loss, row_len, pad_id
         self.optimizer_config = optimizer
         self.params, self.param_shardings = params, param_shardings
         self.ref_params = ref_params if loss.kl_coef != 0 else None  # beta = 0: never loaded, never run
@@ -262,37 +319,98 @@ class AgentTrainer:
         self.opt_state, self.opt_shardings = born_sharded_opt_state(self.tx, params, param_shardings)
         mesh = jax.tree.leaves(param_shardings)[0].mesh
         self.batch_sharding = batch_sharding(mesh, rules)
-        self._step = jit_sharded_step(build_train_step(graphdef, self.tx, loss, num_rows), param_shardings,
-                                      self.opt_shardings, self.batch_sharding)
-        self._ref_logp = jax.jit(lambda p, b: sequence_logprobs(nnx.merge(graphdef, p), b, loss)[0])
+        data_shards = data_parallel_size(self.batch_sharding)
+        if loss.micro_batch_size % data_shards:
+            raise ValueError(f"{name}: loss.micro_batch_size={loss.micro_batch_size} rows do not split over the "
+                             f"mesh's {data_shards} data-parallel shards; make it a multiple of {data_shards}")
+        programs = build_update_programs(graphdef, self.tx, loss)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        grad_shardings = param_shardings
+        acc_shardings = {"grads": grad_shardings, "total": replicated, "denominator": replicated,
+                         "tokens": replicated, "metric_sums": replicated}
+        self._acc_shardings = acc_shardings
+        self._accumulate = jax.jit(programs.accumulate, in_shardings=(param_shardings, acc_shardings,
+                                                                      self.batch_sharding),
+                                   out_shardings=acc_shardings, donate_argnums=(1,))
+        self._apply = jax.jit(programs.apply, in_shardings=(param_shardings, self.opt_shardings, acc_shardings,
+                                                            replicated),
+                              out_shardings=(param_shardings, self.opt_shardings, replicated), donate_argnums=(0, 1))
+        self._score = jax.jit(programs.score, in_shardings=(param_shardings, self.batch_sharding),
+                              out_shardings=self.batch_sharding)
+        self._zero_acc = jax.jit(programs.zero_acc, in_shardings=(param_shardings, self.batch_sharding),
+                                 out_shardings=acc_shardings)
         self.version = 0
         self.skipped_steps = 0
+        self.skipped_empty = 0
 
     @property
     def compile_count(self) -> int:
-        return self._step._cache_size()
+        """Compilations of the update's most-compiled program: 1 once it has run, as long as shapes never change."""
+        return max(f._cache_size() for f in (self._accumulate, self._apply, self._score, self._zero_acc))
 
-    def dispatch(self, batch: dict[str, np.ndarray]):
-        """Starts the update on the agent's devices and returns at once (metrics stay on device)."""
-        rows = batch["tokens"].shape[0]
-        if rows != self.num_rows:
-            raise ValueError(f"{self.name}: batch has {rows} rows, the update was built for {self.num_rows}")
-        device_batch = put_batch(batch, self.batch_sharding)
+    def pack(self, segments: Sequence[Segment]) -> PackedBatch:
+        """Packs `segments` into this agent's micro-batch shape. Segments of weight 0 are dropped; with
+        loss.skip_zero_advantage, those whose loss is exactly zero are left out too and only their denominator
+        is kept (`PackedBatch.denominator_offset`), so the update is the same, computed on fewer tokens."""
+        cfg = self.loss_config
+        weighted = [s for s in segments if s.weight > 0]
+        skip = [cfg.skip_zero_advantage and _has_zero_loss(s, cfg) for s in weighted]
+        kept = [s for s, out in zip(weighted, skip) if not out]
+        left_out = [s for s, out in zip(weighted, skip) if out]
+        batch = pack(kept, self.row_len, cfg.micro_batch_size, self.pad_id)
+        if left_out:
+            batch.denominator_offset = float(aggregate_denominator(
+                np.array([_loss_tokens(s) for s in left_out], np.float32),
+                np.array([s.weight for s in left_out], np.float32), mode="token-mean" if cfg.objective == "sft"
+                else cfg.agg, max_len=cfg.max_len_norm))
+            batch.skipped_segments = len(left_out)
+        return batch
+
+    def dispatch(self, batch: PackedBatch) -> PendingUpdate:
+        """Enqueues the update on the agent's devices and returns at once (metrics stay on device). A batch
+        without a loss token is not dispatched at all (`skipped_empty`)."""
+        if batch.row_len != self.row_len or batch.rows != self.loss_config.micro_batch_size:
+            raise ValueError(f"{self.name}: batch micro-batches are [{batch.rows}, {batch.row_len}], the update is "
+                             f"built for [{self.loss_config.micro_batch_size}, {self.row_len}]; pack with "
+                             "AgentTrainer.pack")
+        stats = batch.stats()
+        if batch.num_loss_tokens == 0:
+            return PendingUpdate([], stats)
+        micro = [put_batch(m, self.batch_sharding) for m in batch.micro_batches()]
+        if self.loss_config.tis_cap is not None:  # the trainer's own log-probs before this update
+            micro = [{**m, "trainer_old_logp": self._score(self.params, m)} for m in micro]
         if self.ref_params is not None:
-            ref = self._ref_logp(self.ref_params, device_batch)
-            device_batch = {**device_batch, "ref_logp": jnp.pad(ref, ((0, 0), (1, 0)))}
-        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, device_batch)
-        return metrics
+            micro = [{**m, "ref_logp": self._score(self.ref_params, m)} for m in micro]
+        offset = jnp.float32(batch.denominator_offset)
+        epochs = []
+        for _ in range(self.loss_config.ppo_epochs):
+            acc = self._zero_acc(self.params, micro[0])
+            for m in micro:
+                acc = self._accumulate(self.params, acc, m)
+            self.params, self.opt_state, metrics = self._apply(self.params, self.opt_state, acc, offset)
+            epochs.append(metrics)
+        return PendingUpdate(epochs, stats)
 
-    def collect(self, device_metrics) -> dict[str, float]:
-        """Waits for a dispatched update; returns its metrics as Python floats."""
-        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    def collect(self, pending: PendingUpdate) -> dict[str, float]:
+        """Waits for a dispatched update; returns its metrics as Python floats. Reports the first epoch (the
+        on-policy figures: clip fractions, log-prob gap) and the last epoch's loss."""
+        metrics = dict(pending.batch_stats)
+        if not pending.epoch_metrics:
+            self.skipped_empty += 1
+            metrics.update(skipped_empty=1.0, skipped_empty_total=float(self.skipped_empty), num_tokens=0.0,
+                           compile_count=self.compile_count, policy_version=self.version)
+            return metrics
+        epochs = jax.device_get(pending.epoch_metrics)
+        metrics.update({k: float(v) for k, v in epochs[0].items()})
+        metrics["loss_last_epoch"] = float(epochs[-1]["loss"])
+        metrics["skipped_steps"] = float(sum(int(e["skipped_steps"]) for e in epochs))
         optimizer_steps = self.version * self.loss_config.ppo_epochs
         self.skipped_steps += int(metrics["skipped_steps"])
         self.version += 1
         metrics.update(learning_rate=float(self.schedule(optimizer_steps)), compile_count=self.compile_count,
-                       policy_version=self.version)
+                       policy_version=self.version, skipped_empty=0.0, skipped_empty_total=float(self.skipped_empty))
         return metrics
 
-    def update(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+    def update(self, batch: PackedBatch) -> dict[str, float]:
         return self.collect(self.dispatch(batch))
+

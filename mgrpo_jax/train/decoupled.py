@@ -23,10 +23,11 @@ the queue after `claim_timeout_s`. Each checkpoint also lists the groups it cont
 job restarted from it acks those groups when they come back instead of training on them again (a crash between
 the save and the ack). So every group is trained into the committed model once and acked once.
 
-Versions: the service serves each update's weights at once (before that update is committed), and records carry
-the version the service reported. After a sub-job crash the restored version can be lower than that of records
-sampled by the lost updates; those count as fresh (staleness <= 0) and truncated importance sampling corrects
-their behaviour log-probs like any other's.
+Versions: the service serves each update's weights at once (before that update is committed), and each record
+carries the version the service returned with its generation (the oldest of its turns), so a sub job that rolled
+back to its checkpoint labels what it generates with the restored version. After such a crash the restored
+version can be lower than that of records sampled by the lost updates; those count as fresh (staleness <= 0) and
+truncated importance sampling corrects their behaviour log-probs like any other's.
 
 Workdirs: each role writes under `<workdir>/<role>` (its own checkpoints and metrics); with no
 `decoupled.store_url` both use `sqlite:///<workdir>/store.db`, so two jobs on one host share a workdir. Across
@@ -42,17 +43,18 @@ import threading
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from mgrpo_jax import checkpoint as ckpt_lib
 from mgrpo_jax.experiment import build_experiment, make
-from mgrpo_jax.kernels import mgrpo_advantages
 from mgrpo_jax.metrics import MetricsWriter
+from mgrpo_jax.rollout.controller import GenerationUnavailableError
 from mgrpo_jax.sharding import initialize_distributed
-from mgrpo_jax.train.alignment import AlignmentConfig, align
-from mgrpo_jax.train.batch import build_batch
-from mgrpo_jax.train.mgrpo import _zero_variance_fraction
-from mgrpo_jax.train.service import GenerationService, RemoteSubPolicy, ServiceUnavailableError, tokenizer_fingerprint
+from mgrpo_jax.train.alignment import AlignmentConfig
+from mgrpo_jax.train.batch import Segment
+from mgrpo_jax.train.mgrpo import aligned_sub_segments
+from mgrpo_jax.train.service import GenerationService, RemoteSubPolicy
 from mgrpo_jax.train.store import (Claim, QueryGroup, StoreUnavailableError, TrajectoryStore, groups_from_rollouts,
                                    min_version_for, open_store)
 
@@ -135,17 +137,15 @@ def run_main(config, workdir: str, *, stop_after: int | None = None) -> dict[str
     remote = RemoteSubPolicy(settings.url, max_new_tokens=int(sub_sampler.max_new_tokens),
                              max_prompt_tokens=int(sub_sampler.prompt_buckets[-1]),
                              deadline_s=settings.service_timeout_s, request_timeout_s=settings.request_timeout_s)
-    initialize_distributed(config.get("distributed", None))
+    _initialize_single_process(config)
     exp = build_experiment(config, role_dir, role="main", sub_policy=remote)
-    mine = tokenizer_fingerprint(exp.tokenizer)
+    # Every answer of the service is checked against this tokenizer (ids in its vocabulary, the same vocabulary
+    # fingerprint), so a sub job that comes up later with another tokenizer stops this job at its first answer.
+    remote.expect_tokenizer(exp.tokenizer)
     try:
-        health = remote.health()
-        if health.get("tokenizer_fingerprint", mine) != mine:
-            raise ValueError(f"the sub job at {settings.url} tokenizes differently (vocabulary fingerprint "
-                             f"{health['tokenizer_fingerprint']} vs {mine}): token ids cross between the jobs, so "
-                             "both must use the same tokenizer (same config.tokenizer / task settings)")
+        remote.health()
         logger.info("sub-agent service %s is up (policy version %d)", settings.url, remote.version)
-    except ServiceUnavailableError as err:
+    except GenerationUnavailableError as err:  # down, or answering garbage: each generation call retries
         logger.warning("%s; rollouts go on, their delegations fail until the service is up", err)
     store = open_store(settings.store(workdir))
     rewards = exp.loop.config.rewards
@@ -154,9 +154,10 @@ def run_main(config, workdir: str, *, stop_after: int | None = None) -> dict[str
         rollouts, k_n = result.rollouts, result.main_rewards.shape[1]
         correct = np.array([[rewards.correctness(t.final if t.format_ok else None, golds[q])
                              for t in rollouts.main[q * k_n:(q + 1) * k_n]] for q in range(len(golds))])
-        version = min([t.policy_version for t in rollouts.sub], default=remote.version)
+        # Each record carries the version that generated it (ServedSample -> Trajectory.policy_version); the
+        # version passed here only labels groups without records.
         groups = groups_from_rollouts(store.namespace, step, rollouts, result.sub_rewards, result.main_rewards,
-                                      correct, version)
+                                      correct, remote.version)
         written = [store.write(g) for g in groups]
         waited = _wait_for_backlog(store, settings)
         # A step redone after a restart finds its groups already written (the store keeps the first attempt's):
@@ -244,14 +245,12 @@ class _SubSettings:
     alignment: AlignmentConfig
     sub_group: str
     adv_opts: dict
-    max_len: int
-    pad_id: int
     seed: int
 
 
-def sub_batch(groups: list[QueryGroup], s: _SubSettings, step: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Claimed query groups -> the sub-agent's fixed-shape batch [Q * K * D_max rows] and metrics: the same
-    alignment and per-agent advantages as the single-program loop (train/mgrpo.py), query by query."""
+def sub_batch(groups: list[QueryGroup], s: _SubSettings, step: int) -> tuple[list[Segment], dict[str, float]]:
+    """Claimed query groups -> the sub-agent's segments (to pack) and metrics: the same alignment and per-agent
+    advantages as the single-program loop (train/mgrpo.py), query by query."""
     for g in groups:
         if g.num_rollouts != s.num_rollouts:
             raise ValueError(f"query group {g.run}/{g.group_id} has {g.num_rollouts} rollouts but this job's "
@@ -264,29 +263,33 @@ def sub_batch(groups: list[QueryGroup], s: _SubSettings, step: int) -> tuple[dic
             traj.query = q  # position in this batch (the record keeps the main job's ids)
             trajectories.append(traj)
             rewards.append(record.reward)
-    sub_r = np.asarray(rewards, np.float32)
-    alignment = align(counts, s.d_max, s.alignment, np.random.default_rng([s.seed, step]))
-    valid = alignment.valid
-    aligned = np.where(valid, sub_r[np.where(valid, alignment.index, 0)] if len(sub_r) else 0.0, 0.0)
-    # Only the sub advantages are used; the main agent's rewards do not enter them (per-agent normalization).
-    _, adv = mgrpo_advantages(np.zeros(counts.shape, np.float32), aligned, valid, sub_group=s.sub_group,
-                              **s.adv_opts)
-    flat = alignment.index.reshape(-1)
-    batch = build_batch([trajectories[i] if i >= 0 else None for i in flat], np.asarray(adv).reshape(-1),
-                        alignment.weight.reshape(-1), s.max_len, s.pad_id)
-    metrics = {f"align/{k}": float(v) for k, v in alignment.stats.items()}
-    metrics["sub/zero_variance_frac"] = _zero_variance_fraction(aligned, valid, s.sub_group)
-    metrics["sub/reward_mean"] = float(sub_r.mean()) if len(sub_r) else 0.0
+    # An outage (a failed generation, a dead tool in this record's rollout) is not the agents' doing: no signal.
+    excluded = np.array([t.infra_failures > 0 or t.finish_reason == "generation_failed" for t in trajectories], bool)
+    segments, metrics = aligned_sub_segments(counts, trajectories, rewards, s.d_max, s.alignment, s.sub_group,
+                                             s.adv_opts, np.random.default_rng([s.seed, step]), excluded=excluded)
+    metrics["sub/reward_mean"] = float(np.mean(rewards)) if rewards else 0.0
     metrics["sub/calls_per_rollout"] = float(counts.mean())
-    return batch, metrics
+    return segments, metrics
 
 
-def _sub_settings(config, tokenizer) -> _SubSettings:
+def _sub_settings(config) -> _SubSettings:
     m = config.mgrpo
     alignment = make(AlignmentConfig, m.alignment, "mgrpo.alignment")
     return _SubSettings(int(m.num_queries), int(m.num_rollouts), int(alignment.d_max), alignment, str(m.sub_group),
                         dict(scale=m.advantage_scale, eps=float(m.advantage_eps), ddof=int(m.advantage_ddof)),
-                        int(config.controller.max_sub_context), int(tokenizer.pad_token_id), int(config.seed))
+                        int(config.seed))
+
+
+def _initialize_single_process(config) -> None:
+    """The decoupled jobs are single-process each: the sub job's HTTP service runs the sampler on whichever
+    thread got the request, which other processes of a multi-controller job would never enter (the program
+    would hang); the main job's rollouts likewise talk to one service. Refuse a multi-process job up front."""
+    initialize_distributed(config.get("distributed", None))
+    if jax.process_count() > 1:
+        raise ValueError(f"the decoupled roles (--role main|sub) run as single-process jobs, but this job has "
+                         f"{jax.process_count()} processes: a generation service on one host cannot drive the "
+                         "other hosts' devices. Run each role on one host (its local devices), or train both agents "
+                         "in one multi-host job (--role all) with meshes that span every process.")
 
 
 def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str, float]:
@@ -294,7 +297,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
     updates (or `stop_after` more), SIGTERM, or `decoupled.idle_exit_s` without new groups."""
     settings = decoupled_config(config)
     role_dir = os.path.join(workdir, "sub")
-    initialize_distributed(config.get("distributed", None))
+    _initialize_single_process(config)
     exp = build_experiment(config, role_dir, role="sub")
     agent = exp.agents["sub"]
     trainer = agent.trainer
@@ -302,7 +305,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
         raise ValueError("config agents.sub.loss.tis_cap is None: the decoupled sub job trains on records sampled "
                          "by earlier versions of its policy, so it needs truncated importance sampling; set it "
                          "(e.g. 2.0; configs/decoupled_cpu.py does)")
-    s = _sub_settings(config, exp.tokenizer)
+    s = _sub_settings(config)
 
     # -- checkpoint -------------------------------------------------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(role_dir, ["sub"],
@@ -323,8 +326,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
     service = GenerationService(agent.policy.sampler, trainer.params, trainer.version, host=settings.service_host,
                                 port=settings.service_port, batch_window_s=settings.batch_window_s,
                                 request_timeout_s=settings.service_timeout_s,
-                                info={"role": "sub", "vocab_size": len(exp.tokenizer),
-                                      "tokenizer_fingerprint": tokenizer_fingerprint(exp.tokenizer)}).start()
+                                info={"role": "sub"}, tokenizer=exp.tokenizer).start()
     store = open_store(settings.store(workdir))
     keeper = _LeaseKeeper(store, settings.claim_timeout_s)
     consumer = f"sub-{socket.gethostname()}-{os.getpid()}"
@@ -352,6 +354,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
             claim = store.claim(s.num_queries - len(groups), consumer, visibility_timeout_s=settings.claim_timeout_s,
                                 min_policy_version=min_version_for(trainer.version, settings.max_staleness))
             if not claim.groups:
+                service.check()
                 if settings.idle_exit_s and time.monotonic() - last_new > settings.idle_exit_s:
                     logger.warning("no new query group for %.0fs (decoupled.idle_exit_s); stopping",
                                    settings.idle_exit_s)
@@ -377,14 +380,15 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
     try:
         with ckpt_lib.ShutdownRequest() as stop:
             while step < end and not stop.requested:
+                service.check()  # a dead generation worker stops the job (the main job would only see 503s)
                 t0 = time.perf_counter()
                 groups, claims = gather(stop)
                 if len(groups) < s.num_queries:
                     break  # stopping; the claims of a partial batch return to the queue after their timeout
                 t1 = time.perf_counter()
-                batch, metrics = sub_batch(groups, s, step)
+                segments, metrics = sub_batch(groups, s, step)
                 versions = np.array([r.policy_version for g in groups for r in g.records] or [trainer.version])
-                update = trainer.update(batch)
+                update = trainer.update(trainer.pack(segments))
                 service.set_weights(trainer.params, trainer.version)
                 step += 1
                 unacked += claims
@@ -412,6 +416,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
                 commit(step)
             # The main job may still be rolling out with this service: serve until it has been idle a while.
             while not stop.requested and time.monotonic() - service.last_request_time < settings.linger_s:
+                service.check()
                 time.sleep(0.2)
     finally:
         keeper.close()

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from mgrpo_jax.kernels import SCALES, SUB_GROUPS, group_relative_advantages, group_statistics, mgrpo_advantages
+from mgrpo_jax.kernels import SCALES, SUB_GROUPS, group_relative_advantages, group_statistics
+from mgrpo_jax.multihost import check_agreement, digest, rollout_digest
 from mgrpo_jax.rollout.controller import Controller, RolloutBatch
 from mgrpo_jax.rollout.rewards import RewardConfig, group_rewards
 from mgrpo_jax.train.agent import AgentTrainer
-from mgrpo_jax.train.alignment import AlignmentConfig, DMaxEstimator, align
-from mgrpo_jax.train.batch import build_batch, concat_batches
+from mgrpo_jax.train.alignment import AlignmentConfig, DMaxEstimator, align_sub_slots
+from mgrpo_jax.train.batch import PackedBatch, Segment, merge_copies
 
 MODES = ("co_train", "main_only", "single_agent", "shared_model")
 
@@ -39,9 +40,6 @@ class MGRPOConfig:
     sub_group: str = "per_query"
     alignment: AlignmentConfig = AlignmentConfig()
     rewards: RewardConfig = RewardConfig()
-    main_max_len: int = 2048
-    sub_max_len: int = 1024
-    pad_id: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -54,13 +52,6 @@ class MGRPOConfig:
         if self.num_rollouts < 2:
             raise ValueError(f"mgrpo.num_rollouts must be >= 2 (a group needs at least two rollouts), "
                              f"got {self.num_rollouts}")
-        if self.mode == "shared_model" and self.alignment.d_max == "auto":
-            raise ValueError("mode='shared_model' needs a fixed alignment.d_max (its one update holds both agents' "
-                             "rows, so the row count must be known up front)")
-        if self.mode == "shared_model" and self.main_max_len != self.sub_max_len:
-            raise ValueError("mode='shared_model' trains one model on both agents' rows, which must share one length: "
-                             f"set mgrpo.main_max_len == mgrpo.sub_max_len (got {self.main_max_len}, "
-                             f"{self.sub_max_len})")
 
     @property
     def has_sub_agent(self) -> bool:
@@ -75,7 +66,7 @@ class StepResult:
     rollouts: RolloutBatch
     main_rewards: np.ndarray  # [Q, K]
     sub_rewards: np.ndarray  # [sum d_k], the flat (query, rollout, call) order
-    batches: dict[str, dict[str, np.ndarray]]
+    batches: dict[str, PackedBatch]  # per trainer ("main", "sub", or "shared")
     metrics: dict[str, float]
 
 
@@ -105,11 +96,10 @@ def compute_rewards(rollouts: RolloutBatch, golds: Sequence[Any], num_rollouts: 
 
 class MGRPOTrainer:
     """Runs M-GRPO steps. `trainers` maps "main" (and "sub" in co_train; the same object twice in
-    shared_model) to `AgentTrainer`s; a "sub" entry may be a factory `num_rows -> AgentTrainer`, called once
-    D_max is known (`alignment.d_max="auto"`: the sub-agent does not train during the warm-up)."""
+    shared_model) to `AgentTrainer`s. With `alignment.d_max="auto"` the sub-agent does not train until D_max is
+    frozen (its warm-up rollouts only measure d_k)."""
 
-    def __init__(self, config: MGRPOConfig, controller: Controller,
-                 trainers: dict[str, AgentTrainer | Callable[[int], AgentTrainer]]):
+    def __init__(self, config: MGRPOConfig, controller: Controller, trainers: dict[str, AgentTrainer]):
         self.config, self.controller, self.trainers = config, controller, dict(trainers)
         expected = {"co_train": {"main", "sub"}, "main_only": {"main"}, "single_agent": {"main"},
                     "shared_model": {"main", "sub"}}[config.mode]
@@ -123,26 +113,19 @@ class MGRPOTrainer:
         self.d_max = DMaxEstimator(config.alignment)
         self.step_count = 0
 
-    def _sub_trainer(self) -> AgentTrainer | None:
-        sub = self.trainers.get("sub")
-        if sub is None or isinstance(sub, AgentTrainer):
-            return sub
-        if not self.d_max.frozen:
-            return None
-        rows = self.controller_rows * self.d_max.value
-        self.trainers["sub"] = sub(rows)
-        return self.trainers["sub"]
-
     def step(self, questions: Sequence[str], golds: Sequence[Any]) -> StepResult:
         cfg, k_n = self.config, self.config.num_rollouts
         if len(questions) != len(golds):
             raise ValueError(f"{len(questions)} questions but {len(golds)} gold answers")
-        self.controller_rows = len(questions) * k_n
         rng = jax.random.fold_in(jax.random.key(cfg.seed), self.step_count)
         timings = {}
+        # Multi-controller runs: every process must hold the same questions, then the same rollouts (a no-op
+        # with one process; see mgrpo_jax.multihost).
+        check_agreement(f"the questions of step {self.step_count}", digest(list(questions), list(golds)))
         t0 = time.perf_counter()
         rollouts = self.controller.run(questions, k_n, rng)
         timings["time/rollout_s"] = time.perf_counter() - t0
+        check_agreement(f"the rollouts' token records of step {self.step_count}", rollout_digest(rollouts))
 
         t0 = time.perf_counter()
         main_r, sub_r, reward_means = compute_rewards(rollouts, golds, k_n, cfg.rewards)
@@ -151,73 +134,84 @@ class MGRPOTrainer:
         t0 = time.perf_counter()
         adv_opts = dict(scale=cfg.advantage_scale, eps=cfg.advantage_eps, ddof=cfg.advantage_ddof)
         metrics: dict[str, float] = {}
-        batches = {}
-        sub_trainer = None
+        segments: dict[str, list[Segment]] = {}
+        # Rollouts that an infrastructure failure touched (a dead tool, a failed generation) are no learning signal
+        # for either agent: they leave the statistics and the batches, and are counted.
+        main_ok = np.array([t.infra_failures == 0 for t in rollouts.main], bool).reshape(main_r.shape)
+        metrics["infra/excluded_rollouts"] = float((~main_ok).sum())
         if cfg.has_sub_agent:
             self.d_max.observe(rollouts.sub_counts)
-            sub_trainer = self._sub_trainer()
-        if sub_trainer is not None:
-            d_max = self.d_max.value
-            alignment = align(rollouts.sub_counts, d_max, cfg.alignment,
-                              np.random.default_rng([cfg.seed, self.step_count]))
-            valid = alignment.valid
-            sub_aligned = np.where(valid, sub_r[np.where(valid, alignment.index, 0)] if len(sub_r) else 0.0, 0.0)
-            adv_main, adv_sub = mgrpo_advantages(main_r, sub_aligned, valid, sub_group=cfg.sub_group, **adv_opts)
-            adv_main, adv_sub = np.asarray(adv_main), np.asarray(adv_sub)
-            flat = alignment.index.reshape(-1)
-            batches["sub"] = build_batch([rollouts.sub[i] if i >= 0 else None for i in flat], adv_sub.reshape(-1),
-                                         alignment.weight.reshape(-1), cfg.sub_max_len, cfg.pad_id)
-            metrics.update({f"align/{k}": float(v) for k, v in alignment.stats.items()})
-            metrics["align/d_max"] = float(d_max)
-            metrics["sub/zero_variance_frac"] = _zero_variance_fraction(sub_aligned, valid, cfg.sub_group)
-        else:
-            adv_main = np.asarray(group_relative_advantages(main_r, axis=1, **adv_opts))
-            if cfg.mode in ("co_train", "shared_model"):
-                metrics["sub/warmup_skipped"] = 1.0
-        metrics["main/zero_variance_frac"] = _zero_variance_fraction(main_r, None, None)
-        batches["main"] = build_batch(rollouts.main, adv_main.reshape(-1), np.ones(main_r.size), cfg.main_max_len,
-                                      cfg.pad_id)
+        if cfg.has_sub_agent and self.d_max.frozen:
+            excluded = np.array([t.infra_failures > 0 or not main_ok[t.query, t.rollout] for t in rollouts.sub], bool)
+            segments["sub"], sub_metrics = aligned_sub_segments(
+                rollouts.sub_counts, rollouts.sub, sub_r, self.d_max.value, cfg.alignment, cfg.sub_group, adv_opts,
+                np.random.default_rng([cfg.seed, self.step_count]), excluded=excluded)
+            metrics.update(sub_metrics)
+        elif cfg.mode in ("co_train", "shared_model"):
+            metrics["sub/warmup_skipped"] = 1.0
+        adv_main = np.asarray(group_relative_advantages(main_r, main_ok, axis=1, **adv_opts))
+        metrics["main/zero_variance_frac"] = _zero_variance_fraction(main_r, main_ok)
+        segments["main"] = [Segment(t, a, float(ok)) for t, a, ok in
+                            zip(rollouts.main, adv_main.reshape(-1), main_ok.reshape(-1))]
         timings["time/alignment_s"] = time.perf_counter() - t0
 
-        metrics.update(self._update(batches, sub_trainer, timings))
+        batches, update_metrics = self._update(segments, timings)
+        metrics.update(update_metrics)
         metrics.update(timings)
         metrics.update(reward_means)
         metrics.update(_rollout_metrics(rollouts, main_r, sub_r))
         self.step_count += 1
         return StepResult(rollouts, main_r, sub_r, batches, metrics)
 
-    def _update(self, batches, sub_trainer, timings) -> dict[str, float]:
-        """Dispatches every agent's update back to back, then collects; hands new weights to the samplers."""
-        main_trainer = self.trainers["main"]
+    def _update(self, segments: dict[str, list[Segment]], timings) -> tuple[dict[str, PackedBatch], dict[str, float]]:
+        """Packs each trained agent's segments, dispatches every agent's update back to back, then collects;
+        hands new weights to the samplers."""
         t0 = time.perf_counter()
-        if self.config.mode == "shared_model":
-            if "sub" not in batches:
-                out = {"shared": main_trainer.update(batches["main"])}
-            else:
-                out = {"shared": main_trainer.update(concat_batches([batches["main"], batches["sub"]]))}
+        if self.config.mode == "shared_model":  # one model trains on both agents' trajectories, packed together
+            jobs = {"shared": (self.trainers["main"], segments["main"] + segments.get("sub", []))}
         else:
-            pending = {"main": (main_trainer, main_trainer.dispatch(batches["main"]))}
-            if sub_trainer is not None and self.config.mode == "co_train":
-                pending["sub"] = (sub_trainer, sub_trainer.dispatch(batches["sub"]))
-            out = {name: trainer.collect(m) for name, (trainer, m) in pending.items()}
+            jobs = {"main": (self.trainers["main"], segments["main"])}
+            if self.config.mode == "co_train" and "sub" in segments:
+                jobs["sub"] = (self.trainers["sub"], segments["sub"])
+        batches = {name: trainer.pack(segs) for name, (trainer, segs) in jobs.items()}
+        timings["time/pack_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pending = {name: trainer.dispatch(batches[name]) for name, (trainer, _) in jobs.items()}
+        out = {name: jobs[name][0].collect(p) for name, p in pending.items()}
         timings["time/update_s"] = time.perf_counter() - t0
+        main_trainer = self.trainers["main"]
         self.controller.main_policy.update(main_trainer.params, main_trainer.version)
         if self.config.mode == "shared_model":
             self.controller.sub_policy.update(main_trainer.params, main_trainer.version)
         elif "sub" in out:
+            sub_trainer = self.trainers["sub"]
             self.controller.sub_policy.update(sub_trainer.params, sub_trainer.version)
-        tokens = {name: (batches["main"] if name != "sub" else batches["sub"])["loss_mask"].sum() for name in out}
         flat = {}
         for name, metrics in out.items():
-            metrics["tokens_per_s"] = float(tokens[name]) / max(timings["time/update_s"], 1e-9)
+            metrics["tokens_per_s"] = batches[name].num_loss_tokens / max(timings["time/update_s"], 1e-9)
             flat.update({f"{name}/{k}": v for k, v in metrics.items()})
-        return flat
+        return batches, flat
 
 
-def _zero_variance_fraction(rewards, mask, sub_group) -> float:
-    """Fraction of non-empty groups whose rewards are all equal (advantage 0: no learning signal)."""
-    axis = {None: 1, "per_query": (1, 2), "per_rollout": 2, "per_call_index": 1}[sub_group]
-    stats = group_statistics(rewards, mask, axis=axis)
+def aligned_sub_segments(counts, sub_trajectories, sub_rewards, d_max: int, alignment_cfg: AlignmentConfig,
+                         sub_group: str, adv_opts: dict, rng: np.random.Generator, *, excluded=None):
+    """Alignment and the sub-agent's own group-relative advantages for one batch of Q queries (MGRPO.md) ->
+    (its segments: copies of one trajectory with one advantage merged, alignment metrics).
+
+    counts: [Q, K] d_k; sub_trajectories / sub_rewards: the flat (query, rollout, call)-ordered records and their
+    rewards; excluded: [N] bool, records that must not become learning signal (infrastructure failures): they
+    take no slot and join no group. The main agent's rewards never enter these statistics (one baseline per agent).
+    """
+    slots = align_sub_slots(counts, sub_rewards, d_max, alignment_cfg, rng, sub_group=sub_group, excluded=excluded,
+                            **adv_opts)
+    flat = zip(slots.alignment.index.reshape(-1), slots.advantages.reshape(-1), slots.weight.reshape(-1))
+    return [Segment(sub_trajectories[i], a, w) for i, a, w in merge_copies(flat)], slots.metrics
+
+
+def _zero_variance_fraction(rewards, mask) -> float:
+    """Fraction of a [Q, K] reward array's non-empty groups (queries) whose valid rewards are all equal
+    (advantage 0: no learning signal)."""
+    stats = group_statistics(rewards, mask, axis=1)
     nonempty = np.asarray(stats.count) > 0
     return float(np.asarray(stats.zero_variance)[nonempty].mean()) if nonempty.any() else 0.0
 
@@ -225,6 +219,7 @@ def _zero_variance_fraction(rewards, mask, sub_group) -> float:
 def _rollout_metrics(rollouts: RolloutBatch, main_r, sub_r) -> dict[str, float]:
     main, sub = rollouts.main, rollouts.sub
     out = {
+        "main/sampled_entropy": _sampled_entropy(main),
         "main/reward_mean": float(main_r.mean()), "main/reward_std": float(main_r.std()),
         "main/format_error_rate": float(np.mean([not t.format_ok for t in main])),
         "main/response_tokens": float(np.mean([t.num_sampled for t in main])),
@@ -233,6 +228,7 @@ def _rollout_metrics(rollouts: RolloutBatch, main_r, sub_r) -> dict[str, float]:
     }
     if sub:
         out.update({
+            "sub/sampled_entropy": _sampled_entropy(sub),
             "sub/reward_mean": float(sub_r.mean()), "sub/reward_std": float(sub_r.std()),
             "sub/format_error_rate": float(np.mean([not t.format_ok for t in sub])),
             "sub/response_tokens": float(np.mean([t.num_sampled for t in sub])),
@@ -240,3 +236,10 @@ def _rollout_metrics(rollouts: RolloutBatch, main_r, sub_r) -> dict[str, float]:
         })
     out.update({f"rollout/{k}": float(v) for k, v in rollouts.stats.items()})
     return out
+
+
+def _sampled_entropy(trajectories) -> float:
+    """Mean -log pi_old(a) over every sampled token of the step: an unbiased estimate of the sampling policy's
+    per-token entropy (E_a~pi[-log pi(a)] = H(pi)), over all rollouts, whatever the update trained on."""
+    logps = [lp for t in trajectories for lp, m in zip(t.logprobs, t.loss_mask) if m]
+    return float(-np.mean(logps)) if logps else 0.0

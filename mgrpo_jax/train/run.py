@@ -96,6 +96,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
     progress = Progress(total, keys=PROGRESS_KEYS, start_step=start, every=int(config.log_every))
     eval_every = int(config.get("eval_every", 0))
     metrics: dict[str, float] = {}
+    failing = False
     try:
         with ckpt_lib.ShutdownRequest() as stop:
             for step in range(start, end):
@@ -124,11 +125,30 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
                 logger.info("held-out: %s", ", ".join(f"{k}={v:.3f}" for k, v in final.items()))
             if end > start:
                 save(end, force=True)
+    except BaseException:
+        failing = True
+        raise
     finally:
-        progress.close()
-        writer.close()
-        checkpointer.close()
+        close_all([("progress line", progress.close), ("metrics writer", writer.close),
+                   ("checkpointer", checkpointer.close)], failing=failing)
     return metrics
+
+
+def close_all(closers, *, failing: bool = False) -> None:
+    """Calls every `(name, close)` even when some raise (a full disk fails each of them). When the run is already
+    failing its own error is the one that propagates and close errors are logged, one line each; otherwise the
+    first close error is raised once, after the others were closed and logged."""
+    first: BaseException | None = None
+    for name, close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - close the rest first
+            if first is None and not failing:
+                first = e
+            else:
+                logger.error("closing the %s also failed: %s: %s", name, type(e).__name__, e)
+    if first is not None:
+        raise first
 
 
 def _hand_weights_to_samplers(exp) -> None:
@@ -142,8 +162,9 @@ def configure_logging() -> None:
     logging.basicConfig(level=os.environ.get("MGRPO_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("bm25s", "absl", "jax._src"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    jax.config.update("jax_log_compiles", False)
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # jax logs compiles at WARNING when asked to
+    if "JAX_LOG_COMPILES" not in os.environ:  # the user's JAX_LOG_COMPILES=1 wins
+        jax.config.update("jax_log_compiles", False)
 
 
 def load_trained(config, workdir: str, step: int | None = None):

@@ -31,24 +31,25 @@ from mgrpo_jax.evaluation import Evaluator
 from mgrpo_jax.experiment import Experiment, build_experiment, make, to_dict
 from mgrpo_jax.rollout.controller import Trajectory
 from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig
-from mgrpo_jax.train.batch import build_batch
+from mgrpo_jax.train.batch import PackedBatch, Segment
 from mgrpo_jax.train.demonstrations import SEARCH_QUERIES, Demonstrations, make_demonstrations
 
 logger = logging.getLogger(__name__)
 
 MODES = ("co_train", "main_only", "shared_model", "single_agent")
-LENGTH_MULTIPLE = 16  # SFT rows are padded to the longest demonstration, rounded up to this
+LENGTH_MULTIPLE = 16  # SFT rows hold the longest demonstration, rounded up to this
 
 
 @dataclasses.dataclass(frozen=True)
 class WarmStartConfig:
     """config.warm_start. `optimizer` holds OptimizerConfig keys; its total_steps is set from the epochs.
     `repeat[agent]`: passes over that agent's demonstrations per epoch (the main agent's rows are short and
-    cheap; it can take more updates than the sub-agent in the same wall time)."""
+    cheap; it can take more updates than the sub-agent in the same wall time). `batch_size` demonstrations make
+    one update; they are packed into micro-batches of `micro_batch_size` rows (`train.batch`)."""
 
     epochs: int = 6
     batch_size: int = 32
-    micro_batch_size: int = 16
+    micro_batch_size: int = 4
     max_questions: int = 0
     query: str = "subject"
     fallback_query: bool = True
@@ -61,9 +62,6 @@ class WarmStartConfig:
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("warm_start.epochs, batch_size and micro_batch_size must be >= 1")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"warm_start.batch_size={self.batch_size} must be a multiple of "
-                             f"warm_start.micro_batch_size={self.micro_batch_size}")
         if self.max_questions < 0 or self.eval_every_epochs < 0 or self.eval_train_questions < 0:
             raise ValueError("warm_start.max_questions, eval_every_epochs and eval_train_questions must be >= 0")
         if set(self.repeat) - {"main", "sub"} or any(int(v) < 1 for v in self.repeat.values()):
@@ -100,7 +98,8 @@ class _SFTAgent:
         loss = LossConfig(objective="sft", micro_batch_size=ws.micro_batch_size, chunk_size=chunk)
         params = agent.policy.params
         shardings = jax.tree.map(lambda x: x.sharding, params)
-        self.trainer = AgentTrainer(f"{name}_sft", agent.graphdef, params, shardings, optimizer, loss, ws.batch_size)
+        self.trainer = AgentTrainer(f"{name}_sft", agent.graphdef, params, shardings, optimizer, loss, row_len=max_len,
+                                    pad_id=self.pad_id)
         self.batch_size = ws.batch_size
         self._rng = np.random.default_rng(seed)
         self._passes: list[list[int]] = []
@@ -108,16 +107,14 @@ class _SFTAgent:
     def new_epoch(self) -> None:
         self._passes = [list(self._rng.permutation(len(self.rows))) for _ in range(self.repeat)]
 
-    def next_batch(self) -> dict[str, np.ndarray] | None:
+    def next_batch(self) -> PackedBatch | None:
         while self._passes and not self._passes[0]:
             self._passes.pop(0)
         if not self._passes:
             return None
         order = self._passes[0]
         take, self._passes[0] = order[: self.batch_size], order[self.batch_size:]
-        trajs = [self.rows[i] for i in take] + [None] * (self.batch_size - len(take))
-        weights = [1.0] * len(take) + [0.0] * (self.batch_size - len(take))
-        return build_batch(trajs, np.zeros(self.batch_size), weights, self.max_len, self.pad_id)
+        return self.trainer.pack([Segment(self.rows[i]) for i in take])
 
     def hand_back(self, exp: Experiment) -> None:
         """The experiment's samplers (and RL trainers, whose parameter buffers the SFT update donated) get the
@@ -207,11 +204,13 @@ def warm_start(config, workdir: str, *, log: Callable[[str], None] = logger.info
             for name, agent in agents.items():  # dispatched back to back: the agents' updates overlap
                 batch = agent.next_batch()
                 if batch is not None:
-                    pending[name] = (agent.trainer.dispatch(batch), int(batch["loss_mask"].sum()))
+                    pending[name] = (agent.trainer.dispatch(batch), batch.num_loss_tokens)
             if not pending:
                 break
             for name, (metrics, tokens) in pending.items():
-                nll[name].append((agents[name].trainer.collect(metrics)["nll"], tokens))
+                metrics = agents[name].trainer.collect(metrics)
+                if tokens:  # an update without loss tokens is skipped and has no NLL
+                    nll[name].append((metrics["nll"], tokens))
         entry = {"epoch": epoch, "train_s": time.perf_counter() - t0}
         for name, values in nll.items():
             v = np.array(values)
