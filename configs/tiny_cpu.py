@@ -18,6 +18,11 @@ def agent(hidden: int = 64, layers: int = 2, devices: int = 1) -> ConfigDict:
                   "tie_word_embeddings": True, "param_dtype": "float32", "dtype": "float32",
                   "remat": "none", "attention": "dense"},  # remat: none|full|dots|dots_no_batch|save_attn_out
         "mesh": {"devices": devices, "fsdp": devices, "tp": 1},
+        # Low-rank adapters (mgrpo_jax/models/lora.py): rank 0 = full fine-tuning; rank > 0 trains adapters only on
+        # the targeted projections (q/k/v/o_proj, gate/up/down_proj, experts.gate/up/down_proj), base frozen.
+        "lora": {"rank": 0, "alpha": 16.0, "dropout": 0.0,
+                 "targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                             "experts.gate_proj", "experts.up_proj", "experts.down_proj")},
         "sampler": {"batch_size": 16, "max_new_tokens": 24, "prompt_buckets": (128, 256, 488),
                     "temperature": 1.0, "top_k": 0, "top_p": 1.0, "overflow": "error"},
         "optimizer": {"learning_rate": 1e-4, "schedule": "constant", "warmup_steps": 0, "total_steps": 1000,

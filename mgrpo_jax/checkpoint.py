@@ -79,14 +79,19 @@ class Restored:
 
 
 def agent_state_of(trainer: Any) -> AgentState:
-    """The AgentState of an `AgentTrainer` (params, opt_state, version, skipped_steps)."""
-    return AgentState(trainer.params, trainer.opt_state, int(trainer.version),
+    """The AgentState of an `AgentTrainer` (params, opt_state, version, skipped_steps). Params are the trainer's
+    `checkpoint_params` when it has them (a LoRA agent saves its adapters, not the frozen base)."""
+    return AgentState(getattr(trainer, "checkpoint_params", trainer.params), trainer.opt_state, int(trainer.version),
                       {"skipped_steps": int(getattr(trainer, "skipped_steps", 0))})
 
 
 def load_agent_state(trainer: Any, state: AgentState) -> None:
     """Puts a restored AgentState into an `AgentTrainer` (the inverse of `agent_state_of`)."""
-    trainer.params, trainer.opt_state, trainer.version = state.params, state.opt_state, state.version
+    if hasattr(trainer, "load_checkpoint_params"):
+        trainer.load_checkpoint_params(state.params)
+    else:
+        trainer.params = state.params
+    trainer.opt_state, trainer.version = state.opt_state, state.version
     if "skipped_steps" in state.extra:
         trainer.skipped_steps = int(state.extra["skipped_steps"])
 

@@ -31,7 +31,12 @@ from mgrpo_jax.train.mgrpo import MGRPOConfig, MGRPOTrainer
 TASK_KINDS = ("synthetic", "files")
 MODEL_KEYS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
               "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "param_dtype", "dtype", "remat",
-              "attention")
+              "attention") + ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                              "decoder_sparse_step", "mlp_only_layers", "moe_matmul", "router_aux_loss_coef",
+                              "router_z_loss_coef")
+# How a model runs rather than what it is: taken from `agents.<role>.model` also when the architecture comes from
+# a checkpoint's config.json.
+RUN_KEYS = ("moe_matmul", "router_aux_loss_coef", "router_z_loss_coef")
 
 
 def to_dict(value: Any) -> Any:
@@ -89,9 +94,19 @@ def _model_config(agent_cfg, vocab_size: int, where: str) -> ModelConfig:
         raise ValueError(f"config {where}.model: unknown key(s) {unknown}; allowed: {list(MODEL_KEYS)}")
     # What the Hugging Face family fixes (so that exports load in transformers as that family).
     arch = values.get("architecture", "llama")
-    family = {"qk_norm": arch == "qwen3", "attention_bias": arch == "qwen2"}
+    family = {"qk_norm": arch in ("qwen3", "qwen3_moe"), "attention_bias": arch == "qwen2"}
     return make(ModelConfig, values, f"{where}.model", vocab_size=vocab_size,
-                max_position_embeddings=max(8192, vocab_size), **family)
+                max_position_embeddings=max(8192, vocab_size), lora=_lora(agent_cfg, where), **family)
+
+
+def _lora(agent_cfg, where: str):
+    """`agents.<role>.lora` -> a LoraConfig, or None (no key, or rank 0)."""
+    from mgrpo_jax.models import lora as lora_lib
+
+    try:
+        return lora_lib.from_config(to_dict(agent_cfg.get("lora", None)))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config {where}.{e}") from e
 
 
 def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
@@ -105,8 +120,10 @@ def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
                                    remat=agent_cfg.model.get("remat", False),
                                    attention=agent_cfg.model.get("attention", "dense"))
         hf.check_tokenizer(tokenizer, model_cfg, where=f"{where} tokenizer")
+        run = {k: v for k, v in to_dict(agent_cfg.model).items() if k in RUN_KEYS}
+        model_cfg = model_cfg.replace(**run, lora=_lora(agent_cfg, where))
         shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(lambda: init_model(model_cfg))), mesh)
-        graphdef, params = hf.load_params(checkpoint, model_cfg, shardings=shardings)
+        graphdef, params = hf.load_params(checkpoint, model_cfg, shardings=shardings, lora_seed=seed)
         return graphdef, params, shardings, model_cfg
     model_cfg = _model_config(agent_cfg, len(tokenizer), where)
     graphdef, params, shardings = sharding.born_sharded(lambda: init_model(model_cfg, seed=seed), mesh)
@@ -213,8 +230,10 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
                                      "distribution they were sampled from (set both to the same value)")
             ref = jax.tree.map(lambda x: x.copy(), params) if loss.kl_coef else None
             row_len = pack_length(loss, context[role], where)
+            lora_dropout = model_cfg.lora is not None and model_cfg.lora.dropout > 0
             trainer = AgentTrainer(role, graphdef, params, shardings, optimizer, loss, row_len=row_len,
-                                   pad_id=tokenizer.pad_token_id, ref_params=ref)
+                                   pad_id=tokenizer.pad_token_id, ref_params=ref,
+                                   dropout_seed=config.seed + i if lora_dropout else None)
             trainers[role] = trainer
             policy.update(trainer.params, trainer.version)
         agents[role] = Agent(role, model_cfg, graphdef, meshes[role], policy, trainer)

@@ -1,7 +1,7 @@
 """Device layout for the agents, and the sharding of their parameters, optimizer state, batches and updates.
 
-- `make_agent_meshes`: a small layout config -> one `Mesh` (axes "fsdp", "tp") per agent role, over disjoint
-  slices of `jax.devices()`, or the same mesh time-shared between roles.
+- `make_agent_meshes`: a small layout config -> one `Mesh` (axes "fsdp", "tp"; "fsdp", "expert", "tp" for expert
+  parallelism) per agent role, over disjoint slices of `jax.devices()`, or the same mesh time-shared between roles.
 - `logical_to_pspec` / `state_shardings`: logical axis names on parameters -> `PartitionSpec`/`NamedSharding`.
 - `born_sharded`: build a model's parameters directly in their sharding (`nnx.eval_shape` + `jit(out_shardings)`),
   never materializing them whole on one device.
@@ -49,16 +49,23 @@ LogicalRules = Sequence[tuple[str, Any]]
 # sharded: each scan step needs its whole layer) and the weight names; activations use "batch" (data-parallel
 # over fsdp), "length", "act_embed" (an activation's hidden dimension: replicated, unlike the weights' "embed")
 # and the head / mlp names.
+# Expert parallelism (a mesh with an "expert" axis, `AgentMeshSpec.expert`): a MoE layer's experts are split over
+# "expert" (`models.moe`); everywhere else "expert" is one more data-parallel / FSDP axis (the batch and the
+# weights' embed dimension over fsdp x expert), as in MaxText. A mesh without it leaves every spec as before.
+# "lora_rank" (an adapter's rank dimension) is small and replicated.
 DEFAULT_RULES: LogicalRules = (
     ("layers", None),
     ("vocab", "tp"),
-    ("embed", "fsdp"),
+    ("experts", "expert"),
+    ("embed", ("fsdp", "expert")),
     ("q_heads", "tp"),
     ("kv_heads", "tp"),
     ("head_dim", None),
     ("mlp", "tp"),
+    ("moe_mlp", "tp"),
     ("norm", None),
-    ("batch", "fsdp"),
+    ("lora_rank", None),
+    ("batch", ("fsdp", "expert")),
     ("length", None),
     ("act_embed", None),
 )
@@ -314,17 +321,20 @@ def jit_sharded_step(step: Callable[[Any, Any, Any], tuple[Any, Any, dict]], par
 # ------------------------------------------------------------------------------------------ agent meshes
 
 MESH_AXES = ("fsdp", "tp")
+EXPERT_MESH_AXES = ("fsdp", "expert", "tp")  # with expert parallelism (expert > 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class AgentMeshSpec:
-    """One role's entry in a layout: `devices` devices arranged as fsdp x tp (fsdp=-1: devices // tp), or
-    `shared_with` another role, whose mesh it then time-shares."""
+    """One role's entry in a layout: `devices` devices arranged as fsdp x tp (fsdp=-1: devices // (expert x tp)),
+    or fsdp x expert x tp with expert parallelism (`expert` > 1: a MoE model's experts split over that many
+    devices), or `shared_with` another role, whose mesh it then time-shares."""
 
     devices: int = 0
     fsdp: int = -1
     tp: int = 1
     shared_with: str | None = None
+    expert: int = 1
 
 
 def _parse_layout(layout: Mapping[str, Mapping[str, Any] | AgentMeshSpec]) -> dict[str, AgentMeshSpec]:
@@ -349,20 +359,21 @@ def _parse_layout(layout: Mapping[str, Mapping[str, Any] | AgentMeshSpec]) -> di
             if spec.devices:
                 raise ValueError(f"mesh layout[{role!r}] sets both 'devices' and 'shared_with'; keep one")
             continue
-        if spec.devices <= 0 or spec.tp <= 0:
-            raise ValueError(f"mesh layout[{role!r}] needs 'devices' > 0 and 'tp' > 0 (or 'shared_with'), got "
-                             f"devices={spec.devices}, tp={spec.tp}")
-        fsdp = spec.devices // spec.tp if spec.fsdp == -1 else spec.fsdp
-        if fsdp <= 0 or fsdp * spec.tp != spec.devices:
-            raise ValueError(f"mesh layout[{role!r}]: fsdp ({spec.fsdp}) x tp ({spec.tp}) must equal devices "
-                             f"({spec.devices}); set fsdp=-1 to derive it")
+        if spec.devices <= 0 or spec.tp <= 0 or spec.expert <= 0:
+            raise ValueError(f"mesh layout[{role!r}] needs 'devices' > 0, 'tp' > 0 and 'expert' > 0 (or "
+                             f"'shared_with'), got devices={spec.devices}, tp={spec.tp}, expert={spec.expert}")
+        fsdp = spec.devices // (spec.tp * spec.expert) if spec.fsdp == -1 else spec.fsdp
+        if fsdp <= 0 or fsdp * spec.expert * spec.tp != spec.devices:
+            raise ValueError(f"mesh layout[{role!r}]: fsdp ({spec.fsdp}) x expert ({spec.expert}) x tp ({spec.tp}) "
+                             f"must equal devices ({spec.devices}); set fsdp=-1 to derive it")
         specs[role] = dataclasses.replace(spec, fsdp=fsdp)
     return specs
 
 
 def make_agent_meshes(layout: Mapping[str, Mapping[str, Any] | AgentMeshSpec],
                       devices: Sequence[jax.Device] | None = None) -> dict[str, Mesh]:
-    """One Mesh (axes "fsdp", "tp") per role, over consecutive disjoint slices of `devices` (default:
+    """One Mesh (axes "fsdp", "tp", or "fsdp", "expert", "tp" when the role's `expert` > 1) per role, over
+    consecutive disjoint slices of `devices` (default:
     `jax.devices()`), in the layout's order. A role with `shared_with` gets the other role's Mesh object.
 
     Example: {"main": {"devices": 4, "fsdp": 2, "tp": 2}, "sub": {"devices": 4, "tp": 1}} on 8 devices, or
@@ -382,8 +393,13 @@ def make_agent_meshes(layout: Mapping[str, Mapping[str, Any] | AgentMeshSpec],
     meshes: dict[str, Mesh] = {}
     start = 0
     for role, spec in owners.items():
-        grid = np.array(devices[start:start + spec.devices], dtype=object).reshape(spec.fsdp, spec.tp)
-        meshes[role] = Mesh(grid, MESH_AXES)
+        if spec.expert > 1:
+            grid = np.array(devices[start:start + spec.devices], dtype=object).reshape(spec.fsdp, spec.expert,
+                                                                                        spec.tp)
+            meshes[role] = Mesh(grid, EXPERT_MESH_AXES)
+        else:
+            grid = np.array(devices[start:start + spec.devices], dtype=object).reshape(spec.fsdp, spec.tp)
+            meshes[role] = Mesh(grid, MESH_AXES)
         start += spec.devices
     _check_meshes_span_processes(meshes, jax.process_count())
     return {role: meshes[spec.shared_with or role] for role, spec in specs.items()}

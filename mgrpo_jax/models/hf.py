@@ -8,6 +8,12 @@ slices stacked), so no host and no device ever holds a whole sharded tensor, and
 each host reads only its own devices' shards. Saving writes a directory that
 `transformers.AutoModelForCausalLM.from_pretrained` loads, one layer's tensor at a time.
 
+Qwen3-MoE: a checkpoint holds one tensor per expert (`model.layers.{i}.mlp.experts.{j}.gate_proj.weight`, ...,
+and the router `mlp.gate.weight`); on load each device reads its block of every expert's tensor and the experts
+are stacked (then the layers), into [layers, experts, ...] parameters; on save they are split again, one
+expert's tensor at a time. LoRA adapters are not part of a checkpoint: `load_params` initializes them
+(`init_adapters`), and `save_hf` refuses a model that has them (merge them first, `lora.merge`).
+
 The name/layout table `tensor_specs` is the single source of truth for both directions.
 """
 from __future__ import annotations
@@ -25,7 +31,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from mgrpo_jax import sharding as sharding_lib
-from mgrpo_jax.models.transformer import SUPPORTED_ARCHITECTURES, ModelConfig, Transformer, abstract_model
+from mgrpo_jax.models import moe as moe_lib
+from mgrpo_jax.models.transformer import SUPPORTED_ARCHITECTURES, ModelConfig, Transformer, abstract_model, init_model
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -35,7 +42,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
                  "BF16": np.dtype(jnp.bfloat16)}
 _HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +109,18 @@ class Layout:
 class TensorSpec:
     """One checkpoint tensor: its HF name and shape, where it lives in our state, and its layout.
 
-    Per-layer tensors (`model.layers.{i}.*`) live in a stacked parameter: `path` names it and `layer` is i, the
-    index along its leading layer axis; the others have `layer=None`.
+    Per-layer tensors (`model.layers.{i}.*`) live in a stacked parameter: `path` names it and `layer` is the index
+    along its leading layer axis (i, or i minus the first layer of its run when runs of MoE and dense layers are
+    stacked apart); the others have `layer=None`. An expert's tensor also has `expert`, its index along the
+    parameter's second (experts) axis.
     """
 
     hf_name: str
-    path: tuple[str, ...]
+    path: tuple[str | int, ...]
     hf_shape: tuple[int, ...]
     layout: Layout = Layout()
     layer: int | None = None
+    expert: int | None = None
 
     def to_ours(self, w: np.ndarray) -> np.ndarray:
         return self.layout.to_ours(w)
@@ -125,11 +135,15 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
     h, n, k, d, f, v = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size
     transpose = Layout("transpose")
     specs = [TensorSpec("model.embed_tokens.weight", ("embed",), (v, h))]
+    kinds = c.layer_kinds
+    runs = moe_lib.layer_runs(kinds)
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
+        r = next(r for r, (_, start, stop) in enumerate(runs) if start <= i < stop)
+        prefix = ("layers",) if len(runs) == 1 else ("layers", r)
 
-        def spec(name, path, shape, layout=Layout(), _i=i, _p=p):
-            return TensorSpec(_p + name, ("layers",) + path, shape, layout, _i)
+        def spec(name, path, shape, layout=Layout(), _i=i - runs[r][1], _p=p, _prefix=prefix, expert=None):
+            return TensorSpec(_p + name, _prefix + path, shape, layout, _i, expert)
 
         specs += [
             spec("input_layernorm.weight", ("input_norm", "scale"), (h,)),
@@ -151,8 +165,18 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
                 spec("self_attn.q_norm.weight", ("attn", "q_norm", "scale"), (d,)),
                 spec("self_attn.k_norm.weight", ("attn", "k_norm", "scale"), (d,)),
             ]
+        specs.append(spec("post_attention_layernorm.weight", ("post_attn_norm", "scale"), (h,)))
+        if kinds[i] == "moe":
+            e, fe = c.num_experts, c.moe_intermediate_size
+            specs.append(spec("mlp.gate.weight", ("mlp", "router_kernel"), (e, h), transpose))
+            for j in range(e):
+                specs += [
+                    spec(f"mlp.experts.{j}.gate_proj.weight", ("mlp", "gate_kernel"), (fe, h), transpose, expert=j),
+                    spec(f"mlp.experts.{j}.up_proj.weight", ("mlp", "up_kernel"), (fe, h), transpose, expert=j),
+                    spec(f"mlp.experts.{j}.down_proj.weight", ("mlp", "down_kernel"), (h, fe), transpose, expert=j),
+                ]
+            continue
         specs += [
-            spec("post_attention_layernorm.weight", ("post_attn_norm", "scale"), (h,)),
             spec("mlp.gate_proj.weight", ("mlp", "gate_kernel"), (f, h), transpose),
             spec("mlp.up_proj.weight", ("mlp", "up_kernel"), (f, h), transpose),
             spec("mlp.down_proj.weight", ("mlp", "down_kernel"), (h, f), transpose),
@@ -273,18 +297,24 @@ def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ..
 def _block_reader(specs: list[TensorSpec], sources: list[np.ndarray], abstract: Any):
     """The `make_array_from_callback` callback of one parameter: device index -> that device's block in our
     layout and dtype, read from the memory-mapped checkpoint tensors `sources` (one per spec; for a stacked
-    parameter one per layer, in layer order), the per-layer blocks of the requested layer range stacked.
-    Blocks are cached by index, so replicas of a shard are read once."""
+    parameter one per layer, and per expert for the experts'), the per-layer (per-expert) blocks of the
+    requested layer (expert) range stacked. Blocks are cached by index, so replicas of a shard are read once."""
     layered = specs[0].layer is not None
+    experts = specs[0].expert is not None
+    where = {(s.layer, s.expert): i for i, s in enumerate(specs)}
     blocks: dict[tuple, np.ndarray] = {}
 
     def read(index):
         index = _bounds(index, abstract.shape)
         key = tuple((sl.start, sl.stop) for sl in index)
         if key not in blocks:
-            if layered:
-                block = np.stack([specs[i].layout.read(sources[i], index[1:])
-                                  for i in range(index[0].start, index[0].stop)])
+            if experts:
+                block = np.stack([np.stack([specs[where[layer, j]].layout.read(sources[where[layer, j]], index[2:])
+                                            for j in range(index[1].start, index[1].stop)])
+                                  for layer in range(index[0].start, index[0].stop)])
+            elif layered:
+                block = np.stack([specs[where[layer, None]].layout.read(sources[where[layer, None]], index[1:])
+                                  for layer in range(index[0].start, index[0].stop)])
             else:
                 block = specs[0].layout.read(sources[0], index)
             blocks[key] = np.ascontiguousarray(block.astype(abstract.dtype))
@@ -294,14 +324,17 @@ def _block_reader(specs: list[TensorSpec], sources: list[np.ndarray], abstract: 
 
 
 def load_params(path: str, config: ModelConfig, *, shardings: Any = None, mesh: jax.sharding.Mesh | None = None,
-                rules: sharding_lib.LogicalRules = sharding_lib.DEFAULT_RULES) -> tuple[nnx.GraphDef, nnx.State]:
+                rules: sharding_lib.LogicalRules = sharding_lib.DEFAULT_RULES, lora_seed: int = 0
+                ) -> tuple[nnx.GraphDef, nnx.State]:
     """Read the weights at `path` into (graphdef, state) for `config`, each device reading only its shards.
 
     Placement: `shardings` (a tree of `jax.sharding.Sharding` shaped like the state) if given, else
     `mesh` + logical `rules`, else the default device. Every tensor is validated first by name (missing or
     unexpected tensors), then by dtype (floating point only) and shape, before anything is read. Each
     parameter is then built with `jax.make_array_from_callback`: the callback for a device reads that device's
-    block of each layer's tensor from the memory-mapped files (`Layout.read`) and stacks the layers.
+    block of each layer's tensor from the memory-mapped files (`Layout.read`) and stacks the layers. LoRA
+    adapters (`config.lora`), which no checkpoint holds, are initialized born sharded (`init_adapters`, from
+    `lora_seed`).
     """
     _require_dir(path)
     weight_map = _weight_map(path)
@@ -333,14 +366,41 @@ def load_params(path: str, config: ModelConfig, *, shardings: Any = None, mesh: 
         target = target.get_value() if isinstance(target, nnx.Variable) else target
         sources = [files[weight_map[s.hf_name]].array(s.hf_name) for s in specs]
         var.set_value(jax.make_array_from_callback(abstract.shape, target, _block_reader(specs, sources, abstract)))
+    if config.lora is not None:
+        adapters = init_adapters(config, lora_seed, {p: flat_shardings.get(p, default) for p in flat_state
+                                                     if p not in by_path})
+        for param_path, value in adapters.items():
+            flat_state[param_path].set_value(value)
     return graphdef, state
+
+
+def init_adapters(config: ModelConfig, seed: int, shardings: dict[tuple, Any]) -> dict[tuple, jax.Array]:
+    """The LoRA adapters `init_model(config, seed)` would build, each directly in its sharding (the jitted
+    initializer returns only the adapters, so XLA never computes the base weights). shardings: {path:
+    Sharding} of the adapters. -> {path: array}."""
+    shardings = {p: (s.get_value() if isinstance(s, nnx.Variable) else s) for p, s in shardings.items()}
+    paths = sorted(shardings, key=str)
+
+    def init():
+        flat = dict(nnx.to_flat_state(nnx.state(init_model(config, seed), nnx.LoRAParam)))
+        missing = [p for p in paths if p not in flat]
+        if missing:
+            raise ValueError(f"parameters {missing[:4]} are in neither the checkpoint nor the LoRA adapters")
+        return [flat[p].get_value() for p in paths]
+
+    values = jax.jit(init, out_shardings=[shardings[p] for p in paths])()
+    return dict(zip(paths, values))
 
 
 def load_model(path: str, *, param_dtype: str = "float32", dtype: str = "float32", remat: str | bool = "none",
                attention: str = "dense", shardings: Any = None, mesh: jax.sharding.Mesh | None = None,
-               rules: sharding_lib.LogicalRules = sharding_lib.DEFAULT_RULES) -> tuple[Transformer, ModelConfig]:
-    """(model, config) from a local Hugging Face checkpoint directory. See `load_params` for placement."""
+               rules: sharding_lib.LogicalRules = sharding_lib.DEFAULT_RULES, **options: Any
+               ) -> tuple[Transformer, ModelConfig]:
+    """(model, config) from a local Hugging Face checkpoint directory. See `load_params` for placement.
+    options: ModelConfig fields that describe how it runs, not what it is (moe_matmul, router_*_coef, lora)."""
     config = load_config(path, param_dtype=param_dtype, dtype=dtype, remat=remat, attention=attention)
+    if options:
+        config = config.replace(**options)
     graphdef, state = load_params(path, config, shardings=shardings, mesh=mesh, rules=rules)
     return nnx.merge(graphdef, state), config
 
@@ -362,9 +422,9 @@ def hf_config_from(config: ModelConfig) -> Any:
     elif config.attention_bias != config.attention_out_bias:
         raise ValueError(f"{config.architecture} has biases on all of q/k/v/o or none; set attention_bias == "
                          "attention_out_bias")
-    if config.qk_norm != (config.architecture == "qwen3"):
+    if config.qk_norm != (config.architecture in ("qwen3", "qwen3_moe")):
         raise ValueError(f"qk_norm={config.qk_norm} does not match architecture {config.architecture!r} "
-                         "(only qwen3 has q/k norms)")
+                         "(only qwen3 and qwen3_moe have q/k norms)")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         rope = dict(rope_type="llama3", rope_theta=config.rope_theta, **dataclasses.asdict(config.rope_scaling))
@@ -377,6 +437,10 @@ def hf_config_from(config: ModelConfig) -> Any:
         rope_parameters=rope, hidden_act="silu", architectures=[model_cls_name])
     if config.architecture != "qwen2":
         kwargs["attention_bias"] = config.attention_bias
+    if config.architecture == "qwen3_moe":
+        kwargs.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                      moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+                      decoder_sparse_step=config.decoder_sparse_step, mlp_only_layers=list(config.mlp_only_layers))
     return getattr(transformers, config_cls_name)(**kwargs)
 
 
@@ -415,6 +479,10 @@ def save_hf(model: Transformer | nnx.State, config: ModelConfig, path: str, *, h
     `hf_config`, when given (e.g. the original checkpoint's), is written instead of a reconstructed one; its
     `architectures` and dtype fields are set to match.
     """
+    if config.lora is not None:
+        raise ValueError("save_hf writes base weights only, and this model has LoRA adapters: fold them in first "
+                         "(`state, config = lora.merge(state, config)`), or save them in PEFT's layout "
+                         "(`lora.save_peft`); launch/export_hf.py --format merged|peft does either")
     if tokenizer is not None:
         check_tokenizer(tokenizer, config)
     state = nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
@@ -424,7 +492,9 @@ def save_hf(model: Transformer | nnx.State, config: ModelConfig, path: str, *, h
     else:
         described = ModelConfig.from_hf(hf_config, param_dtype=config.param_dtype, dtype=config.dtype,
                                         remat=config.remat, attention=config.attention).replace(
-                                            scan_unroll=config.scan_unroll)  # how it runs, not what it is
+                                            scan_unroll=config.scan_unroll, moe_matmul=config.moe_matmul,
+                                            router_aux_loss_coef=config.router_aux_loss_coef,
+                                            router_z_loss_coef=config.router_z_loss_coef)  # how it runs, not what it is
         if described != config:
             raise ValueError(f"hf_config ({type(hf_config).__name__}) describes {described}, not the model being "
                              f"saved ({config}); pass the config the weights were loaded with, or hf_config=None to "
@@ -443,6 +513,8 @@ def save_hf(model: Transformer | nnx.State, config: ModelConfig, path: str, *, h
         value = flat_state[spec.path].get_value()
         if spec.layer is not None:
             value = value[spec.layer]  # one layer of the stacked parameter, sliced where it lives
+        if spec.expert is not None:
+            value = value[spec.expert]  # and one expert of it
         array = np.ascontiguousarray(spec.to_hf(np.asarray(jax.device_get(value))))
         if array.shape != spec.hf_shape:
             raise ValueError(f"parameter for {spec.hf_name} has shape {array.shape} after conversion, expected "

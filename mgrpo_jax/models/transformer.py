@@ -1,4 +1,4 @@
-"""A decoder-only transformer in Flax NNX: dense Llama 3.x, Qwen2/Qwen2.5 and Qwen3.
+"""A decoder-only transformer in Flax NNX: dense Llama 3.x, Qwen2/Qwen2.5 and Qwen3, and Qwen3-MoE.
 
 One module tree serves three paths that share every layer:
 
@@ -9,7 +9,10 @@ One module tree serves three paths that share every layer:
 The layers are one stacked `DecoderLayer` (every parameter has a leading layer axis, logical name "layers")
 applied with `jax.lax.scan`, so the program, and its compile time, do not grow with
 depth; in training the scanned body is wrapped in `jax.checkpoint` with the named policy `ModelConfig.remat`
-(LESSONS.md, item 16). The KV cache is stacked the same way, [layers, B, S, kv_heads, head_dim].
+(LESSONS.md, item 16). The KV cache is stacked the same way, [layers, B, S, kv_heads, head_dim]. A Qwen3-MoE
+model (`mgrpo_jax.models.moe`) whose layers mix sparse (MoE) and dense MLPs (`mlp_only_layers`,
+`decoder_sparse_step`) stacks each run of equal consecutive layers and scans the runs one after the other.
+Projections carry LoRA adapters when `ModelConfig.lora` says so (`mgrpo_jax.models.lora`).
 
 Attention takes segment ids (the `attention_mask` argument: 0 = pad, equal positive ids = one sequence, so
 packed rows with several sequences work) and slot indices (causal order), and runs `ModelConfig.attention`'s
@@ -38,16 +41,19 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mgrpo_jax.models import attention as attention_lib
+from mgrpo_jax.models import lora as lora_lib
+from mgrpo_jax.models import moe as moe_lib
 from mgrpo_jax.sharding import constrain, current_mesh
 
 Array = jax.Array
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 # Logical axis names used by the parameters ("layers" is the stacked layer axis), for `mgrpo_jax.sharding`
 # rules; activations use "batch", "length", "act_embed" and the head / mlp names.
-LOGICAL_AXES = ("layers", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")
+LOGICAL_AXES = ("layers", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm", "experts", "moe_mlp",
+                "lora_rank")
 
 # `ModelConfig.remat`: what the scanned layer keeps for the backward pass (the rest is recomputed).
 #   none: no remat (keeps every intermediate); full: keeps only the layer's input;
@@ -111,6 +117,13 @@ class ModelConfig:
     attention implementation (`ATTENTION_IMPLEMENTATIONS`). `scan_unroll` is the layers per iteration of the
     layer scan (`jax.lax.scan(unroll=...)`): 1 keeps the program independent of depth; `num_layers` unrolls it
     (XLA's cost analysis counts a loop body once, so FLOP counts need the unrolled program).
+
+    Qwen3-MoE (`architecture="qwen3_moe"`, `mgrpo_jax.models.moe`): `num_experts` experts of width
+    `moe_intermediate_size`, `num_experts_per_tok` (k) per token, top-k weights renormalized when
+    `norm_topk_prob`; layer i is dense (width `intermediate_size`) when i is in `mlp_only_layers` or
+    (i + 1) % `decoder_sparse_step` != 0. `moe_matmul` picks the grouped matmul (`moe.MOE_MATMULS`);
+    `router_aux_loss_coef` / `router_z_loss_coef` weight the router's load-balancing and z losses in training
+    (0: only reported). `lora` (a `lora.LoraConfig`, or None) adds adapters to the projections it targets.
     """
 
     vocab_size: int
@@ -134,6 +147,16 @@ class ModelConfig:
     architecture: str = "llama"
     attention: str = "dense"
     scan_unroll: int = 1
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    moe_matmul: str = "auto"
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
+    lora: lora_lib.LoraConfig | None = None
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -165,6 +188,37 @@ class ModelConfig:
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"ModelConfig.attention={self.attention!r} is not an attention implementation; "
                              f"choose one of {list(ATTENTION_IMPLEMENTATIONS)}")
+        self._check_moe()
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", lora_lib.from_config(self.lora))
+
+    def _check_moe(self) -> None:
+        object.__setattr__(self, "mlp_only_layers", tuple(sorted(int(i) for i in self.mlp_only_layers)))
+        if self.moe_matmul not in moe_lib.MOE_MATMULS:
+            raise ValueError(f"ModelConfig.moe_matmul={self.moe_matmul!r} is not one of {list(moe_lib.MOE_MATMULS)}")
+        if self.architecture != "qwen3_moe":
+            if self.num_experts:
+                raise ValueError(f"ModelConfig.num_experts={self.num_experts}: experts need architecture="
+                                 f"'qwen3_moe', not {self.architecture!r}")
+            return
+        if self.num_experts <= 0 or not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"qwen3_moe needs num_experts > 0 and 1 <= num_experts_per_tok <= num_experts, got "
+                             f"{self.num_experts} experts, {self.num_experts_per_tok} per token")
+        if self.moe_intermediate_size <= 0 or self.decoder_sparse_step <= 0:
+            raise ValueError(f"qwen3_moe needs moe_intermediate_size > 0 and decoder_sparse_step > 0, got "
+                             f"{self.moe_intermediate_size}, {self.decoder_sparse_step}")
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"ModelConfig.mlp_only_layers {bad} are not layers of a {self.num_layers}-layer model")
+        for key in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"ModelConfig.{key} must be >= 0, got {getattr(self, key)}")
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """Every layer's MLP: "moe" (sparse) or "dense"."""
+        return moe_lib.layer_kinds(self.num_layers, self.num_experts, self.decoder_sparse_step,
+                                   self.mlp_only_layers)
 
     @property
     def num_groups(self) -> int:
@@ -177,7 +231,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf_config: Any, *, param_dtype: str = "float32", dtype: str = "float32",
                 remat: str | bool = "none", attention: str = "dense") -> "ModelConfig":
-        """Build a config from a transformers `PretrainedConfig` (LlamaConfig, Qwen2Config or Qwen3Config).
+        """Build a config from a transformers `PretrainedConfig` (LlamaConfig, Qwen2Config, Qwen3Config or
+        Qwen3MoeConfig).
 
         Raises ValueError for any other architecture or for features this decoder does not implement
         (sliding-window layers, MLP biases, activations other than SiLU, RoPE types other than default/llama3).
@@ -186,7 +241,7 @@ class ModelConfig:
         if model_type not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture model_type={model_type!r} "
                              f"({type(hf_config).__name__}); supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-                             "(LlamaConfig, Qwen2Config, Qwen3Config)")
+                             "(LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig)")
         act = getattr(hf_config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{model_type}: hidden_act={act!r} is not supported; only 'silu' (SwiGLU)")
@@ -216,16 +271,23 @@ class ModelConfig:
         else:
             qkv_bias = out_bias = bool(getattr(hf_config, "attention_bias", False))
         kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        moe = {}
+        if model_type == "qwen3_moe":
+            moe = dict(num_experts=int(hf_config.num_experts), num_experts_per_tok=int(hf_config.num_experts_per_tok),
+                       moe_intermediate_size=int(hf_config.moe_intermediate_size),
+                       norm_topk_prob=bool(hf_config.norm_topk_prob),
+                       decoder_sparse_step=int(hf_config.decoder_sparse_step),
+                       mlp_only_layers=tuple(int(i) for i in (hf_config.mlp_only_layers or ())))
         return cls(
             vocab_size=int(hf_config.vocab_size), hidden_size=int(hf_config.hidden_size),
             intermediate_size=int(hf_config.intermediate_size), num_layers=int(hf_config.num_hidden_layers),
             num_heads=int(hf_config.num_attention_heads), num_kv_heads=int(kv_heads), head_dim=int(head_dim),
             rope_theta=rope_theta, rope_scaling=rope_scaling, rms_norm_eps=float(hf_config.rms_norm_eps),
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            attention_bias=qkv_bias, attention_out_bias=out_bias, qk_norm=model_type == "qwen3",
+            attention_bias=qkv_bias, attention_out_bias=out_bias, qk_norm=model_type in ("qwen3", "qwen3_moe"),
             param_dtype=param_dtype, dtype=dtype, remat=remat,
             max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 8192)),
-            architecture=model_type, attention=attention)
+            architecture=model_type, attention=attention, **moe)
 
 
 # ------------------------------------------------------------------------------------------- components
@@ -353,26 +415,41 @@ class Attention(nnx.Module):
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, pd)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, pd)
+        h, n, k, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        for name, in_shape, out_shape, in_axes, out_axes in (
+                ("q", (h,), (n, d), ("embed",), ("q_heads", "head_dim")),
+                ("k", (h,), (k, d), ("embed",), ("kv_heads", "head_dim")),
+                ("v", (h,), (k, d), ("embed",), ("kv_heads", "head_dim")),
+                ("o", (n, d), (h,), ("q_heads", "head_dim"), ("embed",))):
+            if lora_lib.targets(c.lora, f"{name}_proj"):
+                setattr(self, f"{name}_lora", lora_lib.LoRA(in_shape, out_shape, in_axes, out_axes, c.lora, rngs))
 
-    def _project(self, x: Array, kernel: nnx.Param, bias_name: str, heads_axis: str) -> Array:
+    def _project(self, x: Array, kernel: nnx.Param, bias_name: str, heads_axis: str,
+                 dropout_key: Array | None = None) -> Array:
         dt = self.config.dtype
         y = jnp.einsum("bth,hnd->btnd", x, kernel[...].astype(dt))
         if self.config.attention_bias:
             y = y + getattr(self, bias_name)[...].astype(dt)
+        name = bias_name[0]  # "q", "k" or "v"
+        adapter = lora_lib.apply(self, name, x, dt, dropout_key, "qkv".index(name))
+        if adapter is not None:
+            y = y + adapter
         return constrain(y, ("batch", "length", heads_axis, "head_dim"))
 
     def __call__(self, x: Array, sin: Array, cos: Array, segment_ids: Array, slots: Array,
-                 cache: _CacheView | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+                 cache: _CacheView | None = None, *, dropout_key: Array | None = None
+                 ) -> tuple[Array, tuple[Array, Array] | None]:
         """x [B, T, embed], sin/cos [B, T, head_dim/2], segment_ids / slots [B, T] of these tokens.
 
         Without a cache the keys are this block's own. With `cache` the new keys/values are written into this
         layer's cache at slots [write_slot, write_slot + T) and the queries attend the whole cache.
-        Returns ([B, T, embed], the updated stacked (k, v) caches or None).
+        Returns ([B, T, embed], the updated stacked (k, v) caches or None). `dropout_key`: the LoRA adapters'
+        dropout (training only).
         """
         c, dt = self.config, self.config.dtype
-        q = self._project(x, self.q_kernel, "q_bias", "q_heads")
-        k = self._project(x, self.k_kernel, "k_bias", "kv_heads")
-        v = self._project(x, self.v_kernel, "v_bias", "kv_heads")
+        q = self._project(x, self.q_kernel, "q_bias", "q_heads", dropout_key)
+        k = self._project(x, self.k_kernel, "k_bias", "kv_heads", dropout_key)
+        v = self._project(x, self.v_kernel, "v_bias", "kv_heads", dropout_key)
         if c.qk_norm:
             q, k = self.q_norm(q, dt), self.k_norm(k, dt)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
@@ -391,6 +468,9 @@ class Attention(nnx.Module):
                                       implementation=c.attention, kv_valid_len=kv_valid_len, mesh=current_mesh())
         out = checkpoint_name(constrain(out, ("batch", "length", "q_heads", "head_dim")), ATTENTION_OUT)
         y = jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(dt))
+        adapter = lora_lib.apply(self, "o", out, dt, dropout_key, 3)
+        if adapter is not None:
+            y = y + adapter
         if c.attention_out_bias:
             y = y + self.o_bias[...].astype(dt)
         return y, new_cache
@@ -405,32 +485,52 @@ class MLP(nnx.Module):
         self.gate_kernel = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
         self.up_kernel = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
         self.down_kernel = _param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), pd)
+        h, f = c.hidden_size, c.intermediate_size
+        for name, d_in, d_out, axes in (("gate", h, f, ("embed", "mlp")), ("up", h, f, ("embed", "mlp")),
+                                        ("down", f, h, ("mlp", "embed"))):
+            if lora_lib.targets(c.lora, f"{name}_proj"):
+                setattr(self, f"{name}_lora", lora_lib.LoRA((d_in,), (d_out,), axes[:1], axes[1:], c.lora, rngs))
 
-    def __call__(self, x: Array) -> Array:
-        dt = self.dtype
-        gate = x @ self.gate_kernel[...].astype(dt)
-        up = x @ self.up_kernel[...].astype(dt)
+    def _project(self, x: Array, name: str, index: int, dropout_key: Array | None) -> Array:
+        y = x @ getattr(self, f"{name}_kernel")[...].astype(self.dtype)
+        adapter = lora_lib.apply(self, name, x, self.dtype, dropout_key, index)
+        return y if adapter is None else y + adapter
+
+    def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
+        gate = self._project(x, "gate", 0, dropout_key)
+        up = self._project(x, "up", 1, dropout_key)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return hidden @ self.down_kernel[...].astype(dt)
+        return self._project(hidden, "down", 2, dropout_key)
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). `kind` "moe": the MLP is a
+    `moe.MoEBlock` (router + experts), "dense": a SwiGLU `MLP`."""
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, kind: str = "dense"):
         self.dtype = config.dtype
+        self.kind = kind
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_dtype)
         self.attn = Attention(config, rngs)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_dtype)
-        self.mlp = MLP(config, rngs)
+        self.mlp = moe_lib.MoEBlock(config, rngs) if kind == "moe" else MLP(config, rngs)
 
     def __call__(self, x: Array, sin: Array, cos: Array, segment_ids: Array, slots: Array,
-                 cache: _CacheView | None = None):
-        """x [B, T, embed] -> ([B, T, embed], updated stacked k/v caches or None); see `Attention`."""
-        attn_out, new_cache = self.attn(self.input_norm(x, self.dtype), sin, cos, segment_ids, slots, cache)
+                 cache: _CacheView | None = None, *, dropout_key: Array | None = None, return_aux: bool = False):
+        """x [B, T, embed] -> ([B, T, embed], updated stacked k/v caches or None); see `Attention`. With
+        `return_aux` a third value: the router's statistics of a MoE layer (`moe.AUX_METRICS`), {} for dense."""
+        attn_key = mlp_key = None
+        if dropout_key is not None:
+            attn_key, mlp_key = jax.random.fold_in(dropout_key, 0), jax.random.fold_in(dropout_key, 1)
+        attn_out, new_cache = self.attn(self.input_norm(x, self.dtype), sin, cos, segment_ids, slots, cache,
+                                        dropout_key=attn_key)
         h = x + attn_out
-        out = h + self.mlp(self.post_attn_norm(h, self.dtype))
-        return constrain(out, ("batch", "length", "act_embed")), new_cache
+        if self.kind == "moe":
+            mlp_out, aux = self.mlp(self.post_attn_norm(h, self.dtype), segment_ids, mlp_key)
+        else:
+            mlp_out, aux = self.mlp(self.post_attn_norm(h, self.dtype), mlp_key), {}
+        out = constrain(h + mlp_out, ("batch", "length", "act_embed"))
+        return (out, new_cache, aux) if return_aux else (out, new_cache)
 
 
 def _stack(values: list[Array]) -> Array:
@@ -441,11 +541,13 @@ def _stack(values: list[Array]) -> Array:
     return jnp.asarray(np.stack([np.asarray(v) for v in values]))
 
 
-def stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
-    """`config.num_layers` DecoderLayers as one module whose every parameter has a leading layer axis
-    (logical name "layers"). Layers are initialized one after the other from `rngs`, exactly as separate
-    modules would be, then stacked, so a seed gives the same weights as it did before layers were stacked."""
-    layers = [DecoderLayer(config, rngs) for _ in range(config.num_layers)]
+def stacked_layers(config: ModelConfig, rngs: nnx.Rngs, kind: str = "dense", count: int | None = None
+                   ) -> DecoderLayer:
+    """`count` (default `config.num_layers`) DecoderLayers of `kind` as one module whose every parameter has a
+    leading layer axis (logical name "layers"). Layers are initialized one after the other from `rngs`, exactly
+    as separate modules would be, then stacked, so a seed gives the same weights as it did before layers were
+    stacked."""
+    layers = [DecoderLayer(config, rngs, kind) for _ in range(config.num_layers if count is None else count)]
     graphdef, first = nnx.split(layers[0])
     states = [nnx.state(layer) for layer in layers[1:]]
 
@@ -499,13 +601,19 @@ class Transformer(nnx.Module):
 
     embed [vocab, embed]; layers.{input_norm.scale [L, embed], attn.{q,k,v,o}_kernel [L, ...] (+ biases, q_norm,
     k_norm), post_attn_norm, mlp.{gate,up,down}_kernel [L, ...]}; final_norm; lm_head [embed, vocab] unless tied.
+    A MoE layer's mlp is {router_kernel [L, embed, E], gate/up_kernel [L, E, embed, moe_mlp], down_kernel [L, E,
+    moe_mlp, embed]}. When layers of both kinds mix, `layers` is a list of stacks, one per run of equal
+    consecutive layers (`layers.{r}.…`, `moe.layer_runs`). LoRA adapters sit beside their kernels
+    (`attn.q_lora.{a, b}`, ...).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = config
         self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
-        self.layers = stacked_layers(c, rngs)
+        runs = moe_lib.layer_runs(c.layer_kinds)
+        stacks = [stacked_layers(c, rngs, kind, stop - start) for kind, start, stop in runs]
+        self.layers = stacks[0] if len(stacks) == 1 else nnx.List(stacks)
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype)
@@ -528,21 +636,47 @@ class Transformer(nnx.Module):
         table = constrain(self.embed[...].astype(self.config.dtype), ("vocab", "act_embed"))
         return constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed"))
 
-    def _run_layers(self, x: Array, sin: Array, cos: Array, segment_ids: Array, slots: Array) -> Array:
+    def layer_stacks(self) -> list[tuple[DecoderLayer, int, int]]:
+        """(stacked module, first layer, end layer) of every run of equal layers, in depth order."""
+        runs = moe_lib.layer_runs(self.config.layer_kinds)
+        stacks = [self.layers] if len(runs) == 1 else list(self.layers)
+        return [(stack, start, stop) for stack, (_, start, stop) in zip(stacks, runs)]
+
+    def _scan_layers(self, body, carry, *, remat: str = "none", unroll: int = 1):
+        """carry = body(layer, carry, layer_index) over every layer in depth order: one `jax.lax.scan` per run of
+        equal layers (over its stacked parameters and global layer indices), the step rematerialized per
+        `remat`."""
+        for stack, start, stop in self.layer_stacks():
+            graphdef, state = nnx.split(stack)
+
+            def step(c, xs, graphdef=graphdef):
+                layer_state, index = xs
+                return body(nnx.merge(graphdef, layer_state), c, index), None
+
+            if remat != "none":
+                step = jax.checkpoint(step, policy=_checkpoint_policy(remat), prevent_cse=False)
+            index = jnp.arange(start, stop, dtype=jnp.int32)
+            carry = jax.lax.scan(step, carry, (state, index), unroll=max(1, min(unroll, stop - start)))[0]
+        return carry
+
+    def _run_layers(self, x: Array, sin: Array, cos: Array, segment_ids: Array, slots: Array,
+                    dropout_rng: Array | None = None) -> tuple[Array, dict[str, Array]]:
         """The stacked layers over x [B, T, embed] with `jax.lax.scan`, the body rematerialized per
-        `config.remat`."""
-        graphdef, state = nnx.split(self.layers)
+        `config.remat`. -> (x, the router's statistics averaged over the MoE layers; {} without any)."""
+        kinds = self.config.layer_kinds
+        zero = {name: jnp.zeros((), jnp.float32) for name in moe_lib.AUX_METRICS} if "moe" in kinds else {}
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, sin, cos, segment_ids, slots)[0], None
+        def body(layer, carry, index):
+            h, aux = carry
+            key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+            h, _, stats = layer(h, sin, cos, segment_ids, slots, dropout_key=key, return_aux=True)
+            return h, {name: aux[name] + stats[name] for name in aux} if stats else aux
 
-        policy = self.config.remat
-        if policy != "none":
-            body = jax.checkpoint(body, policy=_checkpoint_policy(policy), prevent_cse=False)
-        return jax.lax.scan(body, x, state, unroll=self.config.scan_unroll)[0]
+        x, aux = self._scan_layers(body, (x, zero), remat=self.config.remat, unroll=self.config.scan_unroll)
+        return x, {name: v / kinds.count("moe") for name, v in aux.items()}
 
     def __call__(self, tokens: Array, positions: Array, attention_mask: Array, *,
-                 return_hidden: bool = False) -> Array:
+                 return_hidden: bool = False, return_aux: bool = False, dropout_rng: Array | None = None):
         """Full forward without a cache.
 
         tokens [B, T] int32, positions [B, T] int32 (RoPE positions, e.g. cumsum(mask) - 1; per segment in
@@ -550,13 +684,24 @@ class Transformer(nnx.Module):
         sequences of a row, which never attend each other). Returns logits [B, T, V] float32, or with
         `return_hidden` the final normed hidden states [B, T, H] in the compute dtype (logits = hidden @
         `unembedding()`). Pad rows give finite values that callers must mask out.
+
+        With `return_aux`, returns (that, aux): for a MoE model the router's statistics over the real tokens
+        averaged over the MoE layers (`moe.AUX_METRICS`) and "router_loss" = router_aux_loss_coef *
+        load_balance + router_z_loss_coef * z_loss, the term training adds to its loss; {} for a dense model.
+        `dropout_rng` (a PRNG key) turns on the LoRA adapters' dropout (training only).
         """
         segment_ids = attention_mask.astype(jnp.int32)
         slots = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         sin, cos = rope_sin_cos(positions, rope_inverse_frequencies(self.config))
-        x = self._run_layers(self._embed(tokens), sin, cos, segment_ids, slots)
+        x, aux = self._run_layers(self._embed(tokens), sin, cos, segment_ids, slots, dropout_rng)
         hidden = self.final_norm(x, self.config.dtype)
-        return hidden if return_hidden else self.logits_from_hidden(hidden)
+        out = hidden if return_hidden else self.logits_from_hidden(hidden)
+        if not return_aux:
+            return out
+        if aux:
+            c = self.config
+            aux["router_loss"] = c.router_aux_loss_coef * aux["load_balance"] + c.router_z_loss_coef * aux["z_loss"]
+        return out, aux
 
     def _forward_cached(self, tokens: Array, positions: Array, segment_ids: Array,
                         cache: KVCache) -> tuple[Array, KVCache]:
@@ -568,19 +713,16 @@ class Transformer(nnx.Module):
         q_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         kv_slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
         sin, cos = rope_sin_cos(positions, rope_inverse_frequencies(self.config))
-        graphdef, state = nnx.split(self.layers)
 
         # The whole stacked cache rides in the scan's carry and each layer updates its own slice in place
         # (dynamic_update_slice), so no per-layer copies of the cache are stacked up.
-        def body(carry, xs):
+        def body(layer, carry, index):
             h, k_all, v_all = carry
-            layer_state, index = xs
             view = _CacheView(k_all, v_all, index, start, cache_segments, kv_slots, start + t)
-            h, (k_all, v_all) = nnx.merge(graphdef, layer_state)(h, sin, cos, segment_ids, q_slots, view)
-            return (h, k_all, v_all), None
+            h, (k_all, v_all) = layer(h, sin, cos, segment_ids, q_slots, view)
+            return h, k_all, v_all
 
-        layer_index = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        (x, k, v), _ = jax.lax.scan(body, (self._embed(tokens), cache.k, cache.v), (state, layer_index))
+        x, k, v = self._scan_layers(body, (self._embed(tokens), cache.k, cache.v))
         hidden = self.final_norm(x, self.config.dtype)
         new_cache = KVCache(k=k, v=v, segment_ids=cache_segments,
                             lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
@@ -619,8 +761,10 @@ class Transformer(nnx.Module):
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
-    """A randomly initialized model (normal(0.02) kernels, unit norms, zero biases)."""
-    return Transformer(config, rngs=nnx.Rngs(params=seed))
+    """A randomly initialized model (normal(0.02) kernels, unit norms, zero biases; LoRA adapters from their own
+    stream, so they do not change the base weights a seed gives)."""
+    lora_key = jax.random.fold_in(jax.random.key(seed), 0x10A)
+    return Transformer(config, rngs=nnx.Rngs(params=seed, lora=lora_key))
 
 
 def abstract_model(config: ModelConfig) -> Transformer:

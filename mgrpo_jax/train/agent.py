@@ -14,6 +14,12 @@ once per run whatever the number of micro-batches:
 `ppo_epochs` (mu) repeats accumulate-then-apply. The host only enqueues programs (JAX dispatch is asynchronous),
 so several agents' updates still run concurrently on their own devices.
 
+With LoRA adapters in the model (`models.lora`), only the adapters are differentiated, accumulated and
+optimized: the gradient, its accumulator and the optimizer state hold adapters only, and the base weights
+pass through every program unchanged (bit-identical). A MoE model's router losses (`ModelConfig.router_*_coef`)
+are added to each micro-batch's total, weighted by its denominator, and its router statistics are logged
+(`moe/...`).
+
 A non-finite loss or gradient skips that optimizer step: parameters and optimizer state stay exactly as they
 were, and the skip is counted. An update with no learning signal at all (no loss token, or, for the policy
 gradient without KL/entropy terms, only zero advantages) is not dispatched: no optimizer step, no weight decay,
@@ -34,7 +40,9 @@ from flax import nnx
 
 from mgrpo_jax.kernels import AGG_MODES, KL_KINDS, aggregate_denominator, aggregate_loss, chunked_token_logprobs, \
     policy_loss
-from mgrpo_jax.sharding import DEFAULT_RULES, batch_sharding, born_sharded_opt_state, data_parallel_size, put_batch
+from mgrpo_jax.models import lora as lora_lib
+from mgrpo_jax.sharding import DEFAULT_RULES, batch_sharding, born_sharded_opt_state, data_parallel_size, put_batch, \
+    with_mesh
 from mgrpo_jax.train.batch import PackedBatch, Segment, pack
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -153,13 +161,26 @@ class LossConfig:
             raise ValueError(f"loss.tis_cap must be >= 1 or None, got {self.tis_cap}")
 
 
-def sequence_logprobs(model, batch, cfg: LossConfig):
+def sequence_logprobs(model, batch, cfg: LossConfig, *, dropout_rng=None, return_aux: bool = False):
     """Per-token log-probs and entropies of tokens[:, 1:] given tokens[:, :-1]: ([N, L-1], [N, L-1]) float32.
-    Packed rows: the model attends within each segment only (segment ids) at per-segment positions."""
-    hidden = model(batch["tokens"][:, :-1], batch["positions"][:, :-1], batch["segment_ids"][:, :-1],
-                   return_hidden=True)
-    return chunked_token_logprobs(hidden, model.unembedding(), batch["tokens"][:, 1:], chunk_size=cfg.chunk_size,
-                                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, return_entropy=True)
+    Packed rows: the model attends within each segment only (segment ids) at per-segment positions. With
+    `return_aux` a third value, the model's router statistics ({} for a dense model); `dropout_rng` turns on
+    LoRA dropout."""
+    hidden, aux = model(batch["tokens"][:, :-1], batch["positions"][:, :-1], batch["segment_ids"][:, :-1],
+                        return_hidden=True, return_aux=True, dropout_rng=dropout_rng)
+    logp, entropy = chunked_token_logprobs(hidden, model.unembedding(), batch["tokens"][:, 1:],
+                                           chunk_size=cfg.chunk_size, temperature=cfg.temperature, top_k=cfg.top_k,
+                                           top_p=cfg.top_p, return_entropy=True)
+    return (logp, entropy, aux) if return_aux else (logp, entropy)
+
+
+def _with_router_loss(total, denom, metrics, aux):
+    """A MoE model's router loss added to the micro-batch's total, weighted by its denominator (so the update's
+    loss gains router_loss averaged over micro-batches by denominator), and its statistics as metrics."""
+    if not aux:
+        return total, denom, metrics
+    metrics.update({f"moe/{k}": jax.lax.stop_gradient(v) for k, v in aux.items()})
+    return total + aux["router_loss"] * jax.lax.stop_gradient(denom), denom, metrics
 
 
 def _targets(batch, name: str):
@@ -168,8 +189,10 @@ def _targets(batch, name: str):
 
 
 def batch_loss(model, batch, cfg: LossConfig):
-    """(total, denominator, metrics) of the agent's objective on a packed (micro-)batch (`train.batch` layout)."""
-    logp, entropy = sequence_logprobs(model, batch, cfg)
+    """(total, denominator, metrics) of the agent's objective on a packed (micro-)batch (`train.batch` layout).
+    A batch with "dropout_seed" ([rows] int32, one value) runs the model's LoRA dropout from that seed."""
+    dropout_rng = jax.random.key(batch["dropout_seed"][0]) if "dropout_seed" in batch else None
+    logp, entropy, aux = sequence_logprobs(model, batch, cfg, dropout_rng=dropout_rng, return_aux=True)
     mask = _targets(batch, "loss_mask")
     segments, weights = _targets(batch, "segment_ids"), _targets(batch, "weights")
     outside = None
@@ -177,7 +200,7 @@ def batch_loss(model, batch, cfg: LossConfig):
         outside = (mask > 0) & (logp < -1e30)
         mask = jnp.where(outside, 0, mask)
     if cfg.objective == "sft":
-        return _sft_loss(logp, entropy, mask, weights, segments)
+        return _with_router_loss(*_sft_loss(logp, entropy, mask, weights, segments), aux)
     behaviour = _targets(batch, "old_logp")
     advantages = _targets(batch, "advantages")
     old = behaviour
@@ -195,7 +218,7 @@ def batch_loss(model, batch, cfg: LossConfig):
     metrics["logprob_gap"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp) - behaviour) * m) / n
     if outside is not None:
         metrics["outside_filter_frac"] = jnp.sum(outside) / jnp.maximum(jnp.sum(outside) + jnp.sum(m), 1.0)
-    return total, denom, metrics
+    return _with_router_loss(total, denom, metrics, aux)
 
 
 def _sft_loss(logp, entropy, mask, weights, segments):
@@ -216,6 +239,8 @@ class UpdatePrograms:
     accumulate(params, acc, micro_batch) -> acc; apply(params, opt_state, acc, denominator_offset) ->
     (params, opt_state, metrics); score(params, micro_batch) -> [rows, row_len] float32 log-probs (column 0 is
     0: nothing predicts the first token); zero_acc(params, micro_batch) -> an accumulator of zeros.
+    With `trainable` (an nnx filter, e.g. `lora.TRAINABLE`) the gradients, the accumulator and the optimizer
+    (whose state must be built on `trainable_part(params)`) cover only those parameters.
     """
 
     accumulate: Any
@@ -224,14 +249,27 @@ class UpdatePrograms:
     zero_acc: Any
 
 
+def trainable_part(params, trainable=None):
+    """(the parameters an update trains, the frozen rest or None) of a model state; `trainable` None: all."""
+    if trainable is None:
+        return params, None
+    return nnx.split_state(params, trainable, ...)
+
+
+def _join(train, frozen):
+    return train if frozen is None else nnx.merge_state(train, frozen)
+
+
 def build_update_programs(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                          cfg: LossConfig) -> UpdatePrograms:
+                          cfg: LossConfig, trainable=None) -> UpdatePrograms:
     def accumulate(params, acc, micro):
+        train, frozen = trainable_part(params, trainable)
+
         def total_of(p):
-            total, denom, metrics = batch_loss(nnx.merge(graphdef, p), micro, cfg)
+            total, denom, metrics = batch_loss(nnx.merge(graphdef, _join(p, frozen)), micro, cfg)
             return total, (denom, metrics)
 
-        (total, (denom, metrics)), grads = jax.value_and_grad(total_of, has_aux=True)(params)
+        (total, (denom, metrics)), grads = jax.value_and_grad(total_of, has_aux=True)(train)
         tokens = metrics.pop("num_tokens")
         # Micro-batch metrics are token means: accumulate them weighted by their token counts.
         sums = {k: acc["metric_sums"][k] + v * tokens for k, v in metrics.items()}
@@ -241,11 +279,13 @@ def build_update_programs(graphdef: nnx.GraphDef, tx: optax.GradientTransformati
     def zero_acc(params, micro):
         shapes = jax.eval_shape(lambda: batch_loss(nnx.merge(graphdef, params), micro, cfg)[2])
         scalar = jnp.zeros((), jnp.float32)
-        return {"grads": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), "total": scalar,
+        return {"grads": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable_part(params, trainable)[0]),
+                "total": scalar,
                 "denominator": scalar, "tokens": scalar,
                 "metric_sums": {k: scalar for k in shapes if k != "num_tokens"}}
 
     def apply(params, opt_state, acc, denominator_offset):
+        params, frozen = trainable_part(params, trainable)
         denom = acc["denominator"] + denominator_offset
         safe = jnp.where(denom > 0, denom, 1.0)
         grads = jax.tree.map(lambda g, p: (g / safe).astype(p.dtype), acc["grads"], params)
@@ -257,7 +297,7 @@ def build_update_programs(graphdef: nnx.GraphDef, tx: optax.GradientTransformati
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         metrics = {k: v / jnp.maximum(acc["tokens"], 1.0) for k, v in acc["metric_sums"].items()}
         metrics.update(num_tokens=acc["tokens"], loss=loss, grad_norm=grad_norm, skipped_steps=(~ok).astype(jnp.int32))
-        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+        return _join(keep(new_params, params), frozen), keep(new_opt_state, opt_state), metrics
 
     def score(params, micro):
         logp, _ = sequence_logprobs(nnx.merge(graphdef, params), micro, cfg)
@@ -298,11 +338,14 @@ class AgentTrainer:
     sampled with these parameters (an update skipped as empty does not count).
 
     A reference model (`ref_params`, same architecture) is required, and run, only when loss.kl_coef > 0.
+    A model with LoRA adapters trains the adapters alone (module docstring): `opt_state` is the adapters'.
+    `dropout_seed`: with LoRA dropout, each micro-batch of each epoch of each update draws its masks from a key
+    folded from this seed, the policy version, the epoch and the micro-batch.
     """
 
     def __init__(self, name: str, graphdef: nnx.GraphDef, params: Any, param_shardings: Any,
                  optimizer: OptimizerConfig, loss: LossConfig, *, row_len: int, pad_id: int = 0,
-                 ref_params: Any = None, rules=DEFAULT_RULES):
+                 ref_params: Any = None, rules=DEFAULT_RULES, dropout_seed: int | None = None):
         if loss.kl_coef != 0 and ref_params is None:
             raise ValueError(f"{name}: loss.kl_coef={loss.kl_coef} needs a reference model; pass ref_params "
                              "(e.g. the initial parameters) or set kl_coef=0")
@@ -316,32 +359,48 @@ class AgentTrainer:
         self.ref_params = ref_params if loss.kl_coef != 0 else None  # beta = 0: never loaded, never run
         self.tx = make_optimizer(optimizer)
         self.schedule = make_schedule(optimizer)
-        self.opt_state, self.opt_shardings = born_sharded_opt_state(self.tx, params, param_shardings)
+        self.trainable = lora_lib.TRAINABLE if lora_lib.has_adapters(params) else None
+        self.dropout_seed = dropout_seed
+        train_params, _ = trainable_part(params, self.trainable)
+        train_shardings, _ = trainable_part(param_shardings, self.trainable)
+        self.opt_state, self.opt_shardings = born_sharded_opt_state(self.tx, train_params, train_shardings)
         mesh = jax.tree.leaves(param_shardings)[0].mesh
         self.batch_sharding = batch_sharding(mesh, rules)
         data_shards = data_parallel_size(self.batch_sharding)
         if loss.micro_batch_size % data_shards:
             raise ValueError(f"{name}: loss.micro_batch_size={loss.micro_batch_size} rows do not split over the "
                              f"mesh's {data_shards} data-parallel shards; make it a multiple of {data_shards}")
-        programs = build_update_programs(graphdef, self.tx, loss)
+        programs = build_update_programs(graphdef, self.tx, loss, self.trainable)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        grad_shardings = param_shardings
+        grad_shardings = train_shardings
         acc_shardings = {"grads": grad_shardings, "total": replicated, "denominator": replicated,
                          "tokens": replicated, "metric_sums": replicated}
         self._acc_shardings = acc_shardings
-        self._accumulate = jax.jit(programs.accumulate, in_shardings=(param_shardings, acc_shardings,
-                                                                      self.batch_sharding),
+        # Traced under the mesh (`with_mesh`): activation constraints apply, and MoE layers run expert-parallel.
+        on_mesh = lambda fn: with_mesh(fn, mesh)  # noqa: E731
+        self._accumulate = jax.jit(on_mesh(programs.accumulate), in_shardings=(param_shardings, acc_shardings,
+                                                                               self.batch_sharding),
                                    out_shardings=acc_shardings, donate_argnums=(1,))
-        self._apply = jax.jit(programs.apply, in_shardings=(param_shardings, self.opt_shardings, acc_shardings,
-                                                            replicated),
+        self._apply = jax.jit(on_mesh(programs.apply), in_shardings=(param_shardings, self.opt_shardings,
+                                                                     acc_shardings, replicated),
                               out_shardings=(param_shardings, self.opt_shardings, replicated), donate_argnums=(0, 1))
-        self._score = jax.jit(programs.score, in_shardings=(param_shardings, self.batch_sharding),
+        self._score = jax.jit(on_mesh(programs.score), in_shardings=(param_shardings, self.batch_sharding),
                               out_shardings=self.batch_sharding)
-        self._zero_acc = jax.jit(programs.zero_acc, in_shardings=(param_shardings, self.batch_sharding),
+        self._zero_acc = jax.jit(on_mesh(programs.zero_acc), in_shardings=(param_shardings, self.batch_sharding),
                                  out_shardings=acc_shardings)
         self.version = 0
         self.skipped_steps = 0
         self.skipped_empty = 0
+
+    @property
+    def checkpoint_params(self) -> Any:
+        """What a checkpoint holds of the parameters: the adapters alone when the base is frozen (LoRA: the base
+        comes back from `agents.<role>.checkpoint`), else all of them."""
+        return trainable_part(self.params, self.trainable)[0]
+
+    def load_checkpoint_params(self, params: Any) -> None:
+        """The inverse of `checkpoint_params`: restored adapters join the frozen base already loaded."""
+        self.params = _join(params, trainable_part(self.params, self.trainable)[1])
 
     @property
     def compile_count(self) -> int:
@@ -383,13 +442,20 @@ class AgentTrainer:
             micro = [{**m, "ref_logp": self._score(self.ref_params, m)} for m in micro]
         offset = jnp.float32(batch.denominator_offset)
         epochs = []
-        for _ in range(self.loss_config.ppo_epochs):
+        for epoch in range(self.loss_config.ppo_epochs):
+            if self.dropout_seed is not None:  # LoRA dropout: fresh masks per micro-batch, epoch and update
+                micro = [{**m, "dropout_seed": self._dropout_seeds(epoch, i)} for i, m in enumerate(micro)]
             acc = self._zero_acc(self.params, micro[0])
             for m in micro:
                 acc = self._accumulate(self.params, acc, m)
             self.params, self.opt_state, metrics = self._apply(self.params, self.opt_state, acc, offset)
             epochs.append(metrics)
         return PendingUpdate(epochs, stats)
+
+    def _dropout_seeds(self, epoch: int, index: int) -> jax.Array:
+        seed = np.random.SeedSequence([self.dropout_seed, self.version, epoch, index]).generate_state(1)[0]
+        rows = np.full((self.loss_config.micro_batch_size,), seed % 2**31, np.int32)
+        return put_batch({"seed": rows}, self.batch_sharding)["seed"]
 
     def collect(self, pending: PendingUpdate) -> dict[str, float]:
         """Waits for a dispatched update; returns its metrics as Python floats. Reports the first epoch (the
