@@ -153,14 +153,14 @@ def test_shortcut_demonstrations_answer_early_or_report_without_reading():
         acts = _actions(traj, tok)
         delegated = len(acts) - 1
         assert acts[:-1] == [("delegate", h.question) for h in q.chain[:delegated]]
-        draws = [shortcut_draw(seed, "main", q.question, i) < rate for i in range(q.hops)]
-        assert draws[:delegated] == [False] * delegated  # no shortcut before the point where it stopped
+        assert delegated in (q.hops - 1, q.hops)  # one decision point: the last hop
         if delegated < q.hops:
             early += 1
-            assert draws[delegated]
+            assert shortcut_draw(seed, "main", q.question, delegated) < rate
             # what it last read: the previous hop's (clean) result, or the head entity before any delegation
             assert acts[-1] == ("answer", q.chain[delegated - 1].answer if delegated else q.chain[0].subject)
         else:
+            assert shortcut_draw(seed, "main", q.question, q.hops - 1) >= rate
             assert acts[-1] == ("answer", q.answer)
     reported = 0
     for traj in d.sub:
@@ -181,7 +181,10 @@ def test_shortcut_demonstrations_answer_early_or_report_without_reading():
     assert [list(t.tokens) for t in other.main] != [list(t.tokens) for t in d.main]  # a fresh draw
 
     always = make_demonstrations(_controller(), questions, shortcuts={"main": 1.0})
-    assert all(_actions(t, tok) == [("answer", questions[t.query].chain[0].subject)] for t in always.main)
+    for t in always.main:
+        q = questions[t.query]
+        last_read = q.chain[-2].answer if q.hops > 1 else q.chain[0].subject
+        assert _actions(t, tok) == [("delegate", h.question) for h in q.chain[:-1]] + [("answer", last_read)]
     assert len(always.sub) == sum(q.hops for q in questions) and always.stats["sub_shortcuts"] == 0
     with pytest.raises(ValueError, match="probabilities in"):
         make_demonstrations(_controller(), questions, shortcuts={"main": 1.5})
@@ -201,7 +204,7 @@ def test_single_agent_shortcuts_answer_early_or_report_a_title():
         acts = _actions(traj, tok)
         expected = []
         for i, hop in enumerate(q.chain):  # the teacher's episode, replayed from the draws
-            if shortcut_draw(seed, "main", q.question, i) < rate:
+            if i == q.hops - 1 and shortcut_draw(seed, "main", q.question, i) < rate:
                 expected.append(("answer", q.chain[i - 1].answer if i else hop.subject))
                 break
             expected.append(("search", hop.subject))

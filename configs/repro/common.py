@@ -1,17 +1,18 @@
 """The paper's comparisons at laptop scale (MGRPO.md, last section), shared by the configs in this folder.
 
-The task (configs/warm_start_tiny.py's agents and contexts, a larger world): a generated world of `ENTITIES`
-entities and `QUESTIONS` 1-2-hop questions, split three ways by head entity (data/task.py, `task.rl_fraction`):
+The task (configs/warm_start_tiny.py's world, agents and contexts): a generated world of `ENTITIES` entities and
+`QUESTIONS` 1-2-hop questions, split three ways by head entity (data/task.py, `task.rl_fraction`):
 the warm start demonstrates questions about one set of heads, RL trains on questions about a second set, and
 held-out evaluation asks about a third. RL therefore trains on the distribution it is scored on: heads that the
 warm start never saw, whose names the agents must copy rather than recall.
 
 The warm start (launch/warm_start.py) is supervised fine-tuning on demonstrations of a mixed-quality teacher:
-at each decision point the main teacher answers early with what it last read, with probability
-`SHORTCUT_MAIN`, instead of delegating the next hop; the sub teacher reports a name from the search results
-without reading, with probability `SHORTCUT_SUB` (train/demonstrations.py). Each epoch draws the shortcuts
-afresh over a fresh sample of questions, so the warm-started agents sample both behaviours on new questions:
-the shortcuts never earn the reward, and RL has to find that out. Each setting then gets the same RL budget:
+with probability `SHORTCUT_MAIN` the main teacher answers with what it last read instead of delegating the last
+hop; with probability `SHORTCUT_SUB` the sub teacher reports a name from the search results without reading
+(train/demonstrations.py). Each epoch draws the shortcuts afresh, so the warm-started agents learn the mixture,
+not which question took the shortcut: on new questions they sample both behaviours, and with a shortcut rate
+above one half greedy decoding mostly takes the shortcut. The shortcuts never earn the reward; RL has to find
+that out, and greedy accuracy rises when it flips the agents' preference. Each setting then gets the same RL budget:
 `TOTAL_STEPS` steps of Q x K main episodes, with greedy evaluation of the held-out questions and of the first
 RL questions every `EVAL_EVERY` steps (the curves) and before the first step.
 
@@ -21,7 +22,7 @@ RL questions every `EVAL_EVERY` steps (the curves) and before the first step.
                                                                       parameters as main + sub together
     shared         shared_model                                       both roles in one model
     weak_sub       bottleneck_co_train, bottleneck_main_only          role; the sub-agent's teacher takes
-                                                                      shortcuts more often (the bottleneck)
+                                                                      shortcuts too (the bottleneck)
 
 `launch/repro.py` runs the warm starts, every setting for every seed, and writes docs/results/ (core) and
 docs/results/ablations/. The configs take the repro root as their argument (`--config
@@ -37,22 +38,25 @@ from configs import warm_start_tiny
 DEFAULT_ROOT = "runs/repro"
 
 # -- the task ----------------------------------------------------------------------------------------------------
-ENTITIES = 1000
-QUESTIONS = 6000
-HELD_OUT_FRACTION = 0.1  # of the questions (by head entity): ~600 held-out questions, 128 evaluated
-RL_FRACTION = 0.15  # ~900 RL questions; the rest (~4500) are the warm start's
+# warm_start_tiny's world (250 entities, 1500 questions; a 1000-entity world with a fresh sample of questions each
+# epoch reached 1.6% held-out accuracy in the same SFT budget: the tiny agents recall names they were shown in
+# any role, they barely copy unfamiliar ones), split three ways by head entity.
+ENTITIES = 250
+QUESTIONS = 1500
+HELD_OUT_FRACTION = 0.15  # of the questions (by head entity): ~230 held-out questions, 128 evaluated
+RL_FRACTION = 0.25  # ~375 RL questions; the rest (~900) are the warm start's
 
 # -- the warm start ----------------------------------------------------------------------------------------------
-QUESTIONS_PER_EPOCH = 900  # a fresh sample of the warm start's questions each epoch
-SHORTCUT_MAIN = 0.5
-SHORTCUT_SUB = 0.5
-SHORTCUT_SUB_WEAK = 0.75  # the bottleneck setting's sub teacher
+QUESTIONS_PER_EPOCH = 0  # every warm-start question, every epoch
+SHORTCUT_MAIN = 0.6  # the main teacher answers early instead of delegating the last hop
+SHORTCUT_SUB = 0.0  # the sub teacher reads what it reports ...
+SHORTCUT_SUB_WEAK = 0.6  # ... except in the bottleneck setting
 SINGLE_MODEL = {"hidden_size": 128, "num_layers": 9}  # 1.46M parameters: main + sub (2 x 0.72M)
 
 # -- RL ----------------------------------------------------------------------------------------------------------
 TOTAL_STEPS = 150
-QUERIES_PER_STEP = 8  # Q; with K = NUM_ROLLOUTS rollouts each
-NUM_ROLLOUTS = 4
+QUERIES_PER_STEP = 4  # Q; with K = NUM_ROLLOUTS rollouts each: 32 main episodes per step
+NUM_ROLLOUTS = 8
 LEARNING_RATE = 3e-4
 EVAL_EVERY = 25
 EVAL_QUESTIONS = 128  # held-out
@@ -75,7 +79,7 @@ SETTING_NOTES = {
     "single_agent": "one agent with the tools, params = main + sub (1.46M), same questions and epochs",
     "co_train_no_alignment": "co_train with missing sub slots masked, no duplicates",
     "shared_model": "one 0.72M model plays both roles",
-    "bottleneck_co_train": "co_train; sub teacher takes shortcuts more often",
+    "bottleneck_co_train": "co_train; the sub teacher also takes shortcuts",
     "bottleneck_main_only": "bottleneck warm start; sub frozen",
 }
 PREAMBLE = {
@@ -83,9 +87,9 @@ PREAMBLE = {
             "the same RL budget. Held-out questions and RL questions start from head entities that the warm "
             "start never demonstrated.",
     "ablations": "The ablations beside the core runs they are read against: trajectory alignment off, one "
-                 "shared model, and the bottleneck setting (the sub-agent's warm start weaker than the main "
-                 "agent's: its teacher takes shortcuts more often). The single agent has no sub-agent; its "
-                 "core runs are repeated here as the reference.",
+                 "shared model, and the bottleneck setting (the sub-agent's warm start weaker: its teacher "
+                 "takes shortcuts too, so only training the sub-agent can remove them). The single agent has no "
+                 "sub-agent; its core runs are repeated here as the reference.",
 }
 
 

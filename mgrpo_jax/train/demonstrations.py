@@ -29,16 +29,17 @@ must occur in the agent's task or in an observation before that turn, the episod
 final answer must equal the chain's. Trajectories that fail are dropped and counted by reason.
 
 Shortcuts (`shortcuts={"main": p, "sub": q}`, default off): a mixed-quality teacher, so that the warm-started
-policy has something to explore and RL something to learn. At each decision point the teacher takes a shortcut
-with its agent's probability, decided by a seeded hash of (seed, agent, task text, decision point), so one
-`seed` gives reproducible demonstrations and another seed (e.g. each SFT epoch's) a fresh draw:
+policy has something to explore and RL something to learn. Each episode has one decision point per agent
+episode, where the teacher takes a shortcut with its agent's probability, decided by a seeded hash of (seed,
+agent, task text, decision point), so one `seed` gives reproducible demonstrations and another seed (e.g. each SFT
+epoch's) a fresh draw. One point per episode keeps the clean path's probability at 1 - p whatever the hop count:
 
-    main:    before delegating hop i, answers at once with what it last read (hop i-1's result, or the question's
-             head entity when it has read nothing): the "answered_early" failure;
+    main:    instead of delegating the last hop, answers at once with what it last read (the previous hop's
+             result, or the question's head entity on a 1-hop question): the "answered_early" failure;
     sub:     after a search that shows the hop's document, reports a name from the search results (the first
              hit's title that does not name the hop's subject, section stripped) without reading the document;
-    single:  both, at the same points of its own episode (answers early before searching hop i with the main
-             rate; reports a title instead of reading with the sub rate).
+    single:  both, at the same points of its own episode (answers early instead of searching the last hop with
+             the main rate; after each hop's search, reports a title instead of reading with the sub rate).
 
 A shortcut's final answer is wrong but grounded (it is in the context), and passes the checks below with the
 final the teacher gave instead of the chain's. With shortcuts on, the main agent's demonstrations come from
@@ -154,7 +155,7 @@ class _Teacher:
 
 class MainTeacher(_Teacher):
     """Delegates each hop's sub-question in turn, then answers the gold answer (or, with shortcuts, answers
-    early with what it last read)."""
+    with what it last read instead of delegating the last hop)."""
 
     def __init__(self, codec, protocol, system_prompt, questions: Sequence[Question], *, delegate: str,
                  max_new_tokens=None, max_prompt_tokens=None, shortcut=None, seed=0):
@@ -166,8 +167,8 @@ class MainTeacher(_Teacher):
         done = len(observations)
         if done < question.hops:
             last = observations[-1] if observations else question.chain[0].subject
-            return (self._shortcut("main", text, done, last)
-                    or (self.delegate, question.chain[done].question))
+            shortcut = self._shortcut("main", text, done, last) if done == question.hops - 1 else None
+            return shortcut or (self.delegate, question.chain[done].question)
         return self.protocol.final_action, question.answer
 
 
@@ -220,9 +221,10 @@ class SingleTeacher(_Teacher):
         seen = iter(observations)
         for i, hop in enumerate(question.chain):
             obs = next(seen, None)
-            if obs is None:  # answer early with the last fact read (hop i-1's, in its document), or search
+            if obs is None:  # before the last hop: answer early with the last fact read (hop i-1's), or search
                 last = question.chain[i - 1].answer if i else hop.subject
-                return self._shortcut("main", text, i, last) or (self.search, hop.subject)
+                shortcut = self._shortcut("main", text, i, last) if i == question.hops - 1 else None
+                return shortcut or (self.search, hop.subject)
             if hop.doc_id not in obs:
                 return self.protocol.final_action, question.answer  # not found: ungrounded, dropped
             if next(seen, None) is None:
