@@ -166,6 +166,7 @@ def test_repro_command_end_to_end_on_a_tiny_budget(tmp_path):
     common = ["eval_questions=4", "task.num_entities=40", "task.num_questions=80"]
     cmd = [sys.executable, "launch/repro.py", f"--root={root}", f"--out={out}", "--settings=co_train,single_agent",
            "--seeds=0", "--warm_start_set=warm_start.epochs=1", "--warm_start_set=warm_start.explore_questions=4",
+           "--warm_start_set=warm_start.explore_k=2",
            "--warm_start_set=warm_start.questions_per_epoch=24", "--train_set=total_steps=2",
            "--train_set=eval_every=1", "--train_set=eval_train_questions=3"]
     for pair in common:
@@ -178,7 +179,8 @@ def test_repro_command_end_to_end_on_a_tiny_budget(tmp_path):
         with open(os.path.join(root, f"warm_{kind}", "warm_start", "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
         assert summary["demonstrations"]["questions"] == 24  # the epoch's sample of the warm start's questions
-        assert {"explore/pass@4/accuracy", "explore/main_zero_variance_frac"} <= set(summary["final"])
+        assert summary["final"]["explore/k"] == 2  # pass@2 (explore/accuracy) and the zero-variance groups of 2
+        assert {"explore/accuracy", "explore/main_zero_variance_frac"} <= set(summary["final"])
     assert not os.path.exists(os.path.join(root, "warm_shared"))  # no setting needed it
     assert os.listdir(os.path.join(root, "jax_cache"))  # the runs shared one compilation cache
     with open(os.path.join(root, "warm_multi", "data", "warm_start.jsonl"), encoding="utf-8") as f:

@@ -76,17 +76,19 @@ def test_repro_settings_share_one_budget_and_start_from_their_warm_start():
     assert {s: c.mode for s, c in configs.items()} == {
         "co_train": "co_train", "co_train_no_alignment": "co_train", "main_only": "main_only",
         "single_agent": "single_agent", "shared_model": "shared_model", "bottleneck_co_train": "co_train",
-        "bottleneck_main_only": "main_only"}
+        "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent"}
     assert configs["co_train"].mgrpo.alignment.pad_mode == "duplicate"
     assert configs["co_train_no_alignment"].mgrpo.alignment.pad_mode == "mask"
     assert not configs["co_train_no_alignment"].mgrpo.alignment.fill_empty_from_siblings
     assert configs["main_only"].agents.sub.checkpoint == "/r/warm_multi/warm_start/sub"
     assert configs["bottleneck_main_only"].agents.sub.checkpoint == "/r/warm_weak_sub/warm_start/sub"
-    # The bottleneck warm start differs from "multi" only in how often the sub teacher takes a shortcut.
-    multi, weak = to_dict(warm_start.get_config("multi")), to_dict(warm_start.get_config("weak_sub"))
-    assert weak["warm_start"]["shortcuts"]["sub"] > multi["warm_start"]["shortcuts"]["sub"]
-    weak["warm_start"]["shortcuts"]["sub"] = multi["warm_start"]["shortcuts"]["sub"]
-    assert weak == multi
+    # The bottleneck warm starts differ from the core ones only in which teacher takes the shortcuts.
+    for core, bottleneck in (("multi", "weak_sub"), ("single", "single_weak_sub")):
+        core, weak = to_dict(warm_start.get_config(core)), to_dict(warm_start.get_config(bottleneck))
+        assert core["warm_start"]["shortcuts"] == {"main": common.SHORTCUT, "sub": 0.0}
+        assert weak["warm_start"]["shortcuts"] == {"main": 0.0, "sub": common.SHORTCUT}
+        weak["warm_start"]["shortcuts"] = core["warm_start"]["shortcuts"]
+        assert weak == core
 
 
 def _parameters(model_cfg, vocab=1024):

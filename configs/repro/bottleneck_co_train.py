@@ -1,5 +1,5 @@
-"""The bottleneck setting, co-trained: the sub-agent's warm start is weaker than the main agent's (its teacher takes
-shortcuts more often), and M-GRPO trains both agents.
+"""The bottleneck setting, co-trained: the sub-agent's warm start is the weak one (its teacher, not the main agent's,
+took shortcuts), and M-GRPO trains both agents.
 
     python launch/train.py --config configs/repro/bottleneck_co_train.py:runs/repro \
         --workdir runs/repro/bottleneck_co_train/seed0 --config.seed=0

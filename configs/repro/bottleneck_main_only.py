@@ -1,5 +1,5 @@
-"""The bottleneck setting, main agent only: the sub-agent's warm start is weaker than the main agent's (its teacher
-takes shortcuts more often), and it stays frozen while the main agent trains.
+"""The bottleneck setting, main agent only: the sub-agent's warm start is the weak one (its teacher, not the main
+agent's, took shortcuts), and it stays frozen while the main agent trains.
 
     python launch/train.py --config configs/repro/bottleneck_main_only.py:runs/repro \
         --workdir runs/repro/bottleneck_main_only/seed0 --config.seed=0

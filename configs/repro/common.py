@@ -6,10 +6,10 @@ the warm start demonstrates questions about one set of heads, RL trains on quest
 held-out evaluation asks about a third. RL therefore trains on the distribution it is scored on: heads that the
 warm start never saw, whose names the agents must copy rather than recall.
 
-The warm start (launch/warm_start.py) is supervised fine-tuning on demonstrations of a mixed-quality teacher:
-with probability `SHORTCUT_MAIN` the main teacher answers with what it last read instead of delegating the last
-hop; with probability `SHORTCUT_SUB` the sub teacher reports a name from the search results without reading
-(train/demonstrations.py). Each epoch draws the shortcuts afresh, so the warm-started agents learn the mixture,
+The warm start (launch/warm_start.py) is supervised fine-tuning on demonstrations of a mixed-quality teacher
+(train/demonstrations.py): in the core setting, with probability `SHORTCUT` the main teacher answers with what
+it last read instead of delegating the last hop; in the bottleneck setting, the sub teacher instead reports a
+name from the search results without reading, with the same probability. Each epoch draws the shortcuts afresh, so the warm-started agents learn the mixture,
 not which question took the shortcut: on new questions they sample both behaviours, and with a shortcut rate
 above one half greedy decoding mostly takes the shortcut. The shortcuts never earn the reward; RL has to find
 that out, and greedy accuracy rises when it flips the agents' preference. Each setting then gets the same RL budget:
@@ -21,8 +21,9 @@ RL questions every `EVAL_EVERY` steps (the curves) and before the first step.
     single         single_agent                                       one agent with the tools, as many
                                                                       parameters as main + sub together
     shared         shared_model                                       both roles in one model
-    weak_sub       bottleneck_co_train, bottleneck_main_only          role; the sub-agent's teacher takes
-                                                                      shortcuts too (the bottleneck)
+    weak_sub       bottleneck_co_train, bottleneck_main_only          role; the sub-agent's teacher, not the
+                                                                      main agent's, takes the shortcuts
+    single_weak_sub  bottleneck_single_agent                          as single, with weak_sub's shortcuts
 
 `launch/repro.py` runs the warm starts, every setting for every seed, and writes docs/results/ (core) and
 docs/results/ablations/. The configs take the repro root as their argument (`--config
@@ -48,30 +49,36 @@ RL_FRACTION = 0.25  # ~375 RL questions; the rest (~900) are the warm start's
 
 # -- the warm start ----------------------------------------------------------------------------------------------
 QUESTIONS_PER_EPOCH = 0  # every warm-start question, every epoch
-SHORTCUT_MAIN = 0.6  # the main teacher answers early instead of delegating the last hop
-SHORTCUT_SUB = 0.0  # the sub teacher reads what it reports ...
-SHORTCUT_SUB_WEAK = 0.6  # ... except in the bottleneck setting
+SHORTCUT = 0.6  # the weak agent's teacher's shortcut rate: above one half, greedy decoding takes the shortcut
+# Which teacher takes shortcuts: the main agent's in the core setting (the sub-agent is a competent specialist),
+# the sub-agent's in the bottleneck setting (the main agent is; only training the sub-agent removes them).
+# A single agent plays both roles: it gets the same rates at the same decision points.
+SHORTCUTS = {"core": {"main": SHORTCUT, "sub": 0.0}, "bottleneck": {"main": 0.0, "sub": SHORTCUT}}
 SINGLE_MODEL = {"hidden_size": 128, "num_layers": 9}  # 1.46M parameters: main + sub (2 x 0.72M)
 
 # -- RL ----------------------------------------------------------------------------------------------------------
-TOTAL_STEPS = 150
+TOTAL_STEPS = 100
 QUERIES_PER_STEP = 4  # Q; with K = NUM_ROLLOUTS rollouts each: 32 main episodes per step
 NUM_ROLLOUTS = 8
-LEARNING_RATE = 3e-4
-EVAL_EVERY = 25
+LEARNING_RATE = 3e-4  # a pilot of co_train: 1e-3 rose to 16% held-out by step 10, then fell to 5% by step 60
+EVAL_EVERY = 10
+SUB_SAMPLER_BATCH = 16
 EVAL_QUESTIONS = 128  # held-out
 EVAL_RL_QUESTIONS = 64  # the first RL questions, beside held-out
 
 WARM_START_OF = {"co_train": "multi", "co_train_no_alignment": "multi", "main_only": "multi",
                  "single_agent": "single", "shared_model": "shared",
-                 "bottleneck_co_train": "weak_sub", "bottleneck_main_only": "weak_sub"}
-WARM_START_MODE = {"multi": "co_train", "shared": "shared_model", "single": "single_agent", "weak_sub": "co_train"}
+                 "bottleneck_co_train": "weak_sub", "bottleneck_main_only": "weak_sub",
+                 "bottleneck_single_agent": "single_weak_sub"}
+WARM_START_MODE = {"multi": "co_train", "shared": "shared_model", "single": "single_agent", "weak_sub": "co_train",
+                   "single_weak_sub": "single_agent"}
+BOTTLENECK_KINDS = ("weak_sub", "single_weak_sub")
 SETTINGS = tuple(WARM_START_OF)
 GROUPS = {
     "core": ("co_train", "main_only", "single_agent"),
     # The ablations, beside the core runs they are read against (reused from the same root).
-    "ablations": ("co_train", "co_train_no_alignment", "shared_model", "main_only", "bottleneck_co_train",
-                  "bottleneck_main_only", "single_agent"),
+    "ablations": ("co_train", "co_train_no_alignment", "shared_model", "bottleneck_co_train",
+                  "bottleneck_main_only", "bottleneck_single_agent"),
 }
 SETTING_NOTES = {
     "co_train": "M-GRPO: main + sub trained (2 x 0.72M params)",
@@ -79,17 +86,18 @@ SETTING_NOTES = {
     "single_agent": "one agent with the tools, params = main + sub (1.46M), same questions and epochs",
     "co_train_no_alignment": "co_train with missing sub slots masked, no duplicates",
     "shared_model": "one 0.72M model plays both roles",
-    "bottleneck_co_train": "co_train; the sub teacher also takes shortcuts",
+    "bottleneck_co_train": "co_train; the sub teacher, not the main one, took shortcuts",
     "bottleneck_main_only": "bottleneck warm start; sub frozen",
+    "bottleneck_single_agent": "single_agent; shortcuts where the sub teacher's are",
 }
 PREAMBLE = {
     "core": "The core comparison (configs/repro/common.py): the same warm-start recipe for every setting, then "
             "the same RL budget. Held-out questions and RL questions start from head entities that the warm "
             "start never demonstrated.",
-    "ablations": "The ablations beside the core runs they are read against: trajectory alignment off, one "
-                 "shared model, and the bottleneck setting (the sub-agent's warm start weaker: its teacher "
-                 "takes shortcuts too, so only training the sub-agent can remove them). The single agent has no "
-                 "sub-agent; its core runs are repeated here as the reference.",
+    "ablations": "The ablations beside the core co_train runs they are read against (trajectory alignment off; "
+                 "one shared model), and the bottleneck setting: the sub-agent's warm start is the weak one (its "
+                 "teacher, not the main agent's, took shortcuts), so training the main agent alone cannot remove "
+                 "the errors and co-training can.",
 }
 
 
@@ -108,8 +116,8 @@ def warm_start_config(kind: str) -> ConfigDict:
     ws = c.warm_start
     ws.max_questions = 0  # every warm-start question is in the pool; each epoch samples QUESTIONS_PER_EPOCH
     ws.questions_per_epoch = QUESTIONS_PER_EPOCH
-    ws.shortcuts.main = SHORTCUT_MAIN
-    ws.shortcuts.sub = SHORTCUT_SUB_WEAK if kind == "weak_sub" else SHORTCUT_SUB
+    rates = SHORTCUTS["bottleneck" if kind in BOTTLENECK_KINDS else "core"]
+    ws.shortcuts.main, ws.shortcuts.sub = rates["main"], rates["sub"]
     ws.explore_questions = EVAL_QUESTIONS
     ws.explore_k = NUM_ROLLOUTS
     if kind == "shared":
@@ -120,7 +128,7 @@ def warm_start_config(kind: str) -> ConfigDict:
         main_buckets = tuple(c.agents.main.sampler.prompt_buckets)
         c.agents.main.sampler.prompt_buckets = main_buckets + (tuple(c.agents.sub.sampler.prompt_buckets)[-1],)
         ws.repeat = {"main": 1}
-    elif kind == "single":
+    elif kind in ("single", "single_weak_sub"):
         # The single agent searches and reads every hop itself: two tool turns per hop plus the answer, and the raw
         # observations (up to 128 tokens each) stay in its context. One pass per epoch over the same questions; as
         # many parameters as the two agents of "multi" together (a deeper model of the same width).
@@ -138,7 +146,7 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
     kind = WARM_START_OF[mode]
     c = warm_start_config(kind)
     c.mode = {"co_train_no_alignment": "co_train", "bottleneck_co_train": "co_train",
-              "bottleneck_main_only": "main_only"}.get(mode, mode)
+              "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent"}.get(mode, mode)
     c.total_steps = TOTAL_STEPS
     c.mgrpo.num_queries = QUERIES_PER_STEP
     c.mgrpo.num_rollouts = NUM_ROLLOUTS
@@ -151,7 +159,10 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
     c.agents.sub.checkpoint = os.path.join(warm, "sub") if kind in ("multi", "weak_sub") else ""
     for role in ("main", "sub"):
         c.agents[role].optimizer.learning_rate = LEARNING_RATE
-        c.agents[role].sampler.batch_size = QUERIES_PER_STEP * NUM_ROLLOUTS  # one sampler call per main turn
+        # The main agent: one sampler call per turn for the Q x K episodes. The sub-agent's ~1.4 Q x K episodes per
+        # step in calls of 16 rows: 3 calls of 16 pad less than 2 of 32 (bench/train_step.py: its generation
+        # took 1.15 s per step against 1.80 s).
+        c.agents[role].sampler.batch_size = QUERIES_PER_STEP * NUM_ROLLOUTS if role == "main" else SUB_SAMPLER_BATCH
     if mode == "co_train_no_alignment":
         # No trajectory alignment: missing sub-agent slots stay empty (masked) instead of being filled with
         # duplicates or sibling rollouts' trajectories.

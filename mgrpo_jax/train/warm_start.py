@@ -289,7 +289,7 @@ def warm_start(config, workdir: str, *, log: Callable[[str], None] = logger.info
         if rl:
             sampled = evaluator.run([q.question for q in rl], [q.answer for q in rl], greedy=False, k=ws.explore_k,
                                     rng=jax.random.key(int(config.seed)))
-            explore = {f"explore/{k.split('/', 1)[1]}": v for k, v in sampled.items()}
+            explore = {f"explore/{k.split('/', 1)[1]}": v for k, v in sampled.items()}  # accuracy: pass@k
             explore["explore/k"] = float(ws.explore_k)
             final.update(explore)
             history[-1].update(explore)
