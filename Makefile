@@ -23,14 +23,15 @@ test: $(STAMP)
 bench-kernels: $(STAMP)
 	$(PY) bench/kernels.py
 
-# M-GRPO co-training of warm-started tiny agents (configs/demo.py) in $(DEMO_DIR). The warm start
-# (supervised fine-tuning on generated demonstrations) runs first when $(REPRO_ROOT) does not have it yet; the
-# comparisons (`make repro`) reuse it.
+# M-GRPO co-training of warm-started tiny agents (configs/demo.py) in $(DEMO_DIR), with held-out accuracy
+# measured every 10 steps. The warm start (supervised fine-tuning on generated demonstrations) runs first when
+# $(REPRO_ROOT) does not have it yet; the comparisons (`make repro`) reuse it, and the compilation cache.
 demo: $(STAMP)
 	test -f $(WARM_START) || $(PY) launch/warm_start.py --config configs/repro/warm_start.py:multi \
 		--workdir $(REPRO_ROOT)/warm_multi
 	rm -rf $(DEMO_DIR)
-	$(PY) launch/train.py --config configs/demo.py:$(REPRO_ROOT) --workdir $(DEMO_DIR)
+	JAX_COMPILATION_CACHE_DIR=$(REPRO_ROOT)/jax_cache $(PY) launch/train.py --config configs/demo.py:$(REPRO_ROOT) \
+		--workdir $(DEMO_DIR)
 
 # The paper's comparisons (configs/repro/), 3 seeds each. `repro`: co_train, main_only and single_agent ->
 # docs/results/; `repro-ablations`: alignment off, one shared model and the bottleneck setting ->

@@ -378,7 +378,9 @@ def write_results(out_dir: str, runs: Sequence[RunSummary], *, settings: Sequenc
                   "(`launch/evaluate.py --failures`; mgrpo_jax.evaluation.FAILURE_DOC): *wrong_delegation*, a "
                   "delegated sub-question that does not name the hop's subject; *missed_document*, the hop's "
                   "document never read; *wrong_fact*, read but a wrong fact reported; *format*, a malformed "
-                  "episode or a limit. *start*: the warm-started agents; *end*: mean over seeds.", ""]
+                  "episode or a limit. *answered_early*, *wrong_delegation* and *wrong_answer* are the main "
+                  "agent's errors, *missed_document* and *wrong_fact* the sub-agent's (a single agent's own). "
+                  "*start*: the warm-started agents; *end*: mean over seeds.", ""]
     if failures:
         lines += ["## Runs that did not finish", ""] + [f"- {k}: {v}" for k, v in failures.items()] + [""]
     if meta:

@@ -78,12 +78,15 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
     train_q, train_g = _rl_questions(exp, int(config.get("eval_train_questions", 0)) if evaluate else 0)
     evaluator = Evaluator(exp.controller, loop.config.rewards)
 
-    def evaluate_now() -> dict[str, float]:
+    def evaluate_now(step: int) -> dict[str, float]:
         """Greedy accuracy on the held-out questions (greedy/...) and on the first RL questions
         (train_greedy/...), side by side: is RL learning its own questions, and does it carry over?"""
         out = evaluator.run(held_q, held_g, greedy=True) if held_q else {}
         if train_q:
             out.update({f"train_{k}": v for k, v in evaluator.run(train_q, train_g, greedy=True).items()})
+        logger.info("step %d: greedy accuracy %s", step, ", ".join(
+            f"{name} {out[key]:.3f} ({len(q)} questions)" for name, key, q in
+            (("held-out", "greedy/accuracy", held_q), ("RL questions", "train_greedy/accuracy", train_q)) if q))
         return out
 
     # -- checkpoint -------------------------------------------------------------------------------------
@@ -120,7 +123,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
     try:
         with ckpt_lib.ShutdownRequest() as stop:
             if eval_every and start == 0 and end > 0 and (held_q or train_q):
-                writer.write(0, evaluate_now())  # the curve's first point: the starting policy
+                writer.write(0, evaluate_now(0))  # the curve's first point: the starting policy
                 writer.flush()
             for step in range(start, end):
                 questions, golds = questions_and_golds(next(data))
@@ -130,7 +133,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
                     metrics.update(after_step(step, result, golds))
                 metrics["data/skipped_rows"] = float(data.dataset.num_skipped)
                 if eval_every and (step + 1) % eval_every == 0 and step + 1 < total and (held_q or train_q):
-                    metrics.update(evaluate_now())  # the last step's evaluation is the final one below
+                    metrics.update(evaluate_now(step + 1))  # the last step's is the final one below
                 if (step + 1) % int(config.log_every) == 0 or step + 1 == end:
                     writer.write(step + 1, metrics)
                     writer.flush()  # users (and tests) tail metrics.jsonl while the run goes on
@@ -142,10 +145,10 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
                     return metrics
             # -- final evaluation and checkpoint -----------------------------------------------------------
             if end == total and (held_q or train_q):
-                final = evaluate_now()
+                final = evaluate_now(end)
                 metrics.update(final)
                 writer.write(end, final)
-                logger.info("held-out: %s", ", ".join(f"{k}={v:.3f}" for k, v in final.items()))
+                logger.info("final evaluation: %s", ", ".join(f"{k}={v:.3f}" for k, v in final.items()))
             if end > start:
                 save(end, force=True)
     except BaseException:
