@@ -134,8 +134,10 @@ def test_packed_update_equals_the_unpacked_update(seed, agg, rows):
     want_params = optax.apply_updates(params0, updates)
     metrics = agent.update(batch)
     np.testing.assert_allclose(metrics["loss"], float(want_loss), rtol=2e-5, atol=1e-6)
+    # AdamW's first step is lr * g / (|g| + eps): a gradient of a few eps (1e-8; its float noise already passed
+    # the gradient check above) moves by a noisy fraction of lr = 1e-2, so parameters agree to 1% of lr.
     for got, want in zip(jax.tree.leaves(agent.params), jax.tree.leaves(want_params)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_packing_fills_rows_and_never_crosses_trajectories():
