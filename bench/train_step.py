@@ -53,7 +53,8 @@ def main() -> None:
     exp = build_experiment(config, args.workdir)
     print(f"built the {args.mode} run in {time.perf_counter() - start:.1f} s "
           f"(Q={config.mgrpo.num_queries}, K={config.mgrpo.num_rollouts}, D_max={config.mgrpo.alignment.d_max})")
-    questions = read_questions_jsonl(exp.data.train_files[0])
+    # The questions RL trains on (a warm-started config leaves out the ones its warm start demonstrated).
+    questions = read_questions_jsonl(exp.data.train_files[0])[int(config.task.get("skip_train_questions", 0)):]
     q = config.mgrpo.num_queries
     rows = []
     with CompileCounter() as compiles:

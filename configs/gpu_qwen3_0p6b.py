@@ -9,7 +9,11 @@ after the other. Models: local Hugging Face checkpoints (no hub downloads), e.g.
 
 Task: the generated deep-research world by default; set task.kind=files with train_files / eval_files /
 corpus_file (or retriever_url) for your own data. Install jax for CUDA: `pip install -e '.[cuda]'`.
-Memory: float32 master weights + AdamW moments (~7 GB per agent) + bf16 compute with per-layer remat.
+Memory: float32 master weights + AdamW moments + the float32 gradient accumulator (9.5 GB per agent, both
+agents on the one device), bf16 compute, scanned layers rematerialized in full (`model.remat="full"`) and
+attention picked per backend (`model.attention="auto"`: cuDNN flash attention on the GPU where the layout
+allows, else the blockwise `chunked`). `python bench/scale.py --sections presets` compiles this preset's train
+step on abstract shapes and prints its per-device total against the device's memory.
 """
 from configs import tiny_cpu
 
@@ -39,7 +43,8 @@ def get_config():
         a.checkpoint = ""  # set to a local Qwen3-0.6B directory (see the docstring)
         a.model.param_dtype = "float32"
         a.model.dtype = "bfloat16"
-        a.model.remat = True
+        a.model.remat = "full"
+        a.model.attention = "auto"
         a.mesh = {"devices": 1, "fsdp": 1, "tp": 1}
         a.sampler.batch_size = 64
         a.sampler.max_new_tokens = 1024

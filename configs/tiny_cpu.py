@@ -15,15 +15,21 @@ def agent(hidden: int = 64, layers: int = 2, devices: int = 1) -> ConfigDict:
         "checkpoint": "",  # a Hugging Face directory to start from; "" = random init from `model`
         "model": {"architecture": "qwen3", "hidden_size": hidden, "intermediate_size": 2 * hidden,
                   "num_layers": layers, "num_heads": 4, "num_kv_heads": 2, "head_dim": hidden // 4,
-                  "tie_word_embeddings": True, "param_dtype": "float32", "dtype": "float32", "remat": False},
+                  "tie_word_embeddings": True, "param_dtype": "float32", "dtype": "float32",
+                  "remat": "none", "attention": "dense"},  # remat: none|full|dots|dots_no_batch|save_attn_out
         "mesh": {"devices": devices, "fsdp": devices, "tp": 1},
         "sampler": {"batch_size": 16, "max_new_tokens": 24, "prompt_buckets": (128, 256, 488),
                     "temperature": 1.0, "top_k": 0, "top_p": 1.0, "overflow": "error"},
         "optimizer": {"learning_rate": 1e-4, "schedule": "constant", "warmup_steps": 0, "total_steps": 1000,
                       "b1": 0.9, "b2": 0.98, "weight_decay": 0.1, "max_grad_norm": 1.0},
         "loss": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0, "agg": "seq-mean-token-mean",
-                 "kl_coef": 0.0, "kl_kind": "k3", "entropy_coef": 0.0, "temperature": 1.0, "chunk_size": 512,
-                 "ppo_epochs": 1, "micro_batch_size": 8},
+                 "kl_coef": 0.0, "kl_kind": "k3", "entropy_coef": 0.0, "chunk_size": 512,
+                 # The sampler's distribution, which the trainer rescores under (must equal agents.<role>.sampler's).
+                 "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                 "ppo_epochs": 1,
+                 # Trajectories are packed into rows of pack_len tokens (0: the agent's context limit), and
+                 # micro_batch_size rows make one micro-batch; a step uses as many micro-batches as it needs.
+                 "micro_batch_size": 2, "pack_len": 0},
     })
 
 

@@ -12,7 +12,9 @@ slice. Start it on every host with the same command; jax.distributed initializes
         --config.tokenizer.path=/models/Qwen3-8B
 
 Install jax for TPU: `pip install -e '.[tpu]'`. Sharding: FSDP over 16 and tensor parallel over 2 (32 chips);
-adjust `mesh` to the slice (fsdp x tp = devices, or devices=-1 style via the sizes of your slice).
+adjust `mesh` to the slice (fsdp x tp = devices, or devices=-1 style via the sizes of your slice). Attention
+is `auto` (from the GPU preset): Pallas splash attention on TPU, sharded over the mesh. Memory per chip:
+`python bench/scale.py --sections presets` (both agents' state + one micro-batch, against v5p and v5e).
 """
 from ml_collections import ConfigDict
 

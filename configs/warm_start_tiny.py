@@ -57,6 +57,9 @@ def get_config() -> ConfigDict:
         c.agents[role].sampler.max_new_tokens = 24
         c.agents[role].sampler.prompt_buckets = (context // 4, context // 2, context - 24)
         c.agents[role].loss.chunk_size = 1024
+        # Trajectories run from a third of the context to all of it: rows twice the context hold two or three,
+        # where rows of one context would hold one of most (measured: 52-61% of positions real, 80%+ with these).
+        c.agents[role].loss.pack_len = 2 * context
 
     # Supervised warm start (mgrpo_jax.train.warm_start); RL ignores this block.
     c.warm_start = ConfigDict({

@@ -17,6 +17,8 @@ import jax
 from flax import nnx
 
 from mgrpo_jax import sharding
+from mgrpo_jax.multihost import BroadcastToolSet
+from mgrpo_jax.workdir import check_workdir, scratch_dir
 from mgrpo_jax.models import ModelConfig, init_model
 from mgrpo_jax.rollout.controller import Controller, ControllerConfig, SamplerPolicy, TextCodec, ToolSet
 from mgrpo_jax.rollout.protocol import ProtocolConfig
@@ -28,7 +30,8 @@ from mgrpo_jax.train.mgrpo import MGRPOConfig, MGRPOTrainer
 
 TASK_KINDS = ("synthetic", "files")
 MODEL_KEYS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-              "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "param_dtype", "dtype", "remat")
+              "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "param_dtype", "dtype", "remat",
+              "attention")
 
 
 def to_dict(value: Any) -> Any:
@@ -99,7 +102,8 @@ def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
     if checkpoint:
         model_cfg = hf.load_config(checkpoint, param_dtype=agent_cfg.model.get("param_dtype", "float32"),
                                    dtype=agent_cfg.model.get("dtype", "float32"),
-                                   remat=agent_cfg.model.get("remat", False))
+                                   remat=agent_cfg.model.get("remat", False),
+                                   attention=agent_cfg.model.get("attention", "dense"))
         hf.check_tokenizer(tokenizer, model_cfg, where=f"{where} tokenizer")
         shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(lambda: init_model(model_cfg))), mesh)
         graphdef, params = hf.load_params(checkpoint, model_cfg, shardings=shardings)
@@ -137,7 +141,7 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     if role not in ROLES:
         raise ValueError(f"role={role!r}; choose one of {list(ROLES)}")
     job = role  # `role` names each agent below
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     mgrpo_cfg = config.mgrpo
     mode = config.mode
     if job != "all":
@@ -151,7 +155,7 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
             raise ValueError("role='main' needs sub_policy (the remote sub-agent)")
     protocol = make(ProtocolConfig, config.get("protocol", {}), "protocol")
     controller_cfg = make(ControllerConfig, config.controller, "controller")
-    data = load_task(config, workdir, protocol)
+    data = load_task(config, scratch_dir(workdir), protocol)  # generated data: local even for a gs:// run
     if job != "sub":  # one real call per tool, before any model is built: a dead retriever stops the run here
         check_tools(config.task, data.tools)
     tokenizer = data.tokenizer
@@ -202,10 +206,11 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
                 raise ValueError(f"config {where}.sampler.temperature={sampler_cfg.temperature}: a training agent "
                                  "must sample (temperature > 0, e.g. 1.0); greedy decoding gives identical rollouts, "
                                  "zero advantages and no update. (Evaluation decodes greedily on its own.)")
-            if loss.temperature != sampler_cfg.temperature and sampler_cfg.temperature > 0:
-                raise ValueError(f"config {where}.loss.temperature={loss.temperature} differs from {where}.sampler."
-                                 f"temperature={sampler_cfg.temperature}: the trainer must score tokens under the "
-                                 "distribution they were sampled from (set both to the same value)")
+            for key in ("temperature", "top_k", "top_p"):
+                if getattr(loss, key) != getattr(sampler_cfg, key) and sampler_cfg.temperature > 0:
+                    raise ValueError(f"config {where}.loss.{key}={getattr(loss, key)} differs from {where}.sampler."
+                                     f"{key}={getattr(sampler_cfg, key)}: the trainer must score tokens under the "
+                                     "distribution they were sampled from (set both to the same value)")
             ref = jax.tree.map(lambda x: x.copy(), params) if loss.kl_coef else None
             row_len = pack_length(loss, context[role], where)
             trainer = AgentTrainer(role, graphdef, params, shardings, optimizer, loss, row_len=row_len,
@@ -222,6 +227,8 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     if job == "main":
         trainers = {"main": trainers["main"]}
     tools = ToolSet(data.tools)
+    if jax.process_count() > 1:  # one truth across hosts: process 0 runs the tools, every process sees its results
+        tools = BroadcastToolSet(tools)
     controller = Controller(
         config=controller_cfg, codec=TextCodec(tokenizer, controller_cfg.max_observation_tokens),
         main_policy=agents["main"].policy,

@@ -1,6 +1,7 @@
 """Run metrics: TensorBoard scalars, a JSONL log, and a console progress line.
 
-- `MetricsWriter(workdir)`: per step, every scalar goes to TensorBoard (tensorboardX, `<workdir>/tb`, the key is
+- `MetricsWriter(workdir)` (a local path or an object-store URL, mirrored: `mgrpo_jax.workdir`): per step, every
+  scalar goes to TensorBoard (tensorboardX, `<workdir>/tb`, the key is
   the tag: "main/loss" groups under "main") and one line `{"step": n, ...all scalars}` goes to
   `<workdir>/metrics.jsonl`, which tests and scripts read without TensorBoard (`read_metrics_jsonl`). Only
   process 0 writes in a multi-process run. Non-finite values (NaN, inf) are written as they are (Python's
@@ -28,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 
 import numpy as np
+
+from mgrpo_jax.workdir import Mirror, is_remote, scratch_dir
 
 JSONL_NAME = "metrics.jsonl"
 TB_SUBDIR = "tb"
@@ -67,15 +70,23 @@ class MetricsWriter:
         self.non_finite: collections.Counter[str] = collections.Counter()
         self._tb = None
         self._jsonl: TextIO | None = None
+        self._mirror = None
         if not self.enabled:
             return
-        os.makedirs(self.workdir, exist_ok=True)
-        self.jsonl_path = os.path.join(self.workdir, JSONL_NAME)
+        local = self.workdir
+        if is_remote(self.workdir):  # an object store: write a local mirror, upload it whole at every flush
+            from etils import epath
+
+            local = os.path.join(scratch_dir(self.workdir), "metrics_mirror")
+            self._mirror = Mirror(local, epath.Path(self.workdir))
+            self._mirror.restore([JSONL_NAME])
+        os.makedirs(local, exist_ok=True)
+        self.jsonl_path = os.path.join(local, JSONL_NAME)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # deferred: it imports protobuf and friends
 
-            self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_SUBDIR))
+            self._tb = SummaryWriter(logdir=os.path.join(local, TB_SUBDIR))
 
     @property
     def num_non_finite(self) -> int:
@@ -104,6 +115,8 @@ class MetricsWriter:
             self._jsonl.flush()
         if self._tb is not None:
             self._tb.flush()
+        if self._mirror is not None:
+            self._mirror.sync()
 
     def close(self) -> None:
         """Closes both outputs even if one fails (a full disk); raises the first error. Idempotent."""
@@ -115,6 +128,9 @@ class MetricsWriter:
                     output.close()
                 except Exception as e:  # noqa: BLE001 - close the other one first
                     errors.append(e)
+        if self._mirror is not None and not errors:
+            mirror, self._mirror = self._mirror, None
+            mirror.sync()
         if errors:
             raise errors[0]
 

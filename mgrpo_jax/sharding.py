@@ -10,6 +10,8 @@
 - `batch_sharding` / `put_batch`: the batch dimension over the data-parallel ("fsdp") axis.
 - `make_sharded_update`: one agent's jitted, donated `update(params, opt_state, batch)` with explicit in/out
   shardings; `nnx.merge` happens only inside the jitted function.
+- `constrain`: pins an activation's sharding by logical axis names (batch over "fsdp") when the computation is
+  traced under a mesh (`with_mesh`; `jit_sharded_step` does it), a no-op otherwise.
 - `initialize_distributed`: multi-controller JAX (`jax.distributed.initialize`) from a config or the
   environment, before any device is touched.
 
@@ -28,7 +30,9 @@ refuses a layout that would give an agent a mesh missing some process.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -41,8 +45,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 LogicalRules = Sequence[tuple[str, Any]]
 
 # FSDP over the embed dimension, tensor parallelism over heads / mlp / vocab. Works for any mesh whose axes
-# are named "fsdp" and "tp" (size 1 axes are fine).
+# are named "fsdp" and "tp" (size 1 axes are fine). Parameters use "layers" (the stacked layer axis, never
+# sharded: each scan step needs its whole layer) and the weight names; activations use "batch" (data-parallel
+# over fsdp), "length", "act_embed" (an activation's hidden dimension: replicated, unlike the weights' "embed")
+# and the head / mlp names.
 DEFAULT_RULES: LogicalRules = (
+    ("layers", None),
     ("vocab", "tp"),
     ("embed", "fsdp"),
     ("q_heads", "tp"),
@@ -51,6 +59,8 @@ DEFAULT_RULES: LogicalRules = (
     ("mlp", "tp"),
     ("norm", None),
     ("batch", "fsdp"),
+    ("length", None),
+    ("act_embed", None),
 )
 
 
@@ -81,6 +91,42 @@ def logical_to_pspec(axes: Sequence[str | None] | None, rules: LogicalRules, mes
         used.update(mesh_axes)
         out.append(None if not mesh_axes else (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes))
     return PartitionSpec(*out)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: LogicalRules = DEFAULT_RULES) -> jax.Array:
+    """`jax.lax.with_sharding_constraint(x, <axes mapped by rules>)` on the mesh the computation is traced
+    under (`jax.sharding.get_abstract_mesh()`, set by `with_mesh` / `jit_sharded_step`); x unchanged when there
+    is none (one device, tests, a plain `jax.jit`). A dimension whose size the mesh axes do not divide is left
+    replicated, as for parameters. Pinning activations (batch over "fsdp") keeps XLA from replicating them or
+    resharding them by a full rematerialization."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or len(axes) != x.ndim:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_pspec(axes, rules, mesh, x.shape))
+
+
+_TRACED_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("traced_mesh", default=None)
+
+
+def with_mesh(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """`fn` traced under `mesh` (as jax's abstract mesh, and as `current_mesh()`), so that `constrain` inside
+    it takes effect and mesh-aware kernels (splash attention's `shard_map`) find the mesh. Wrap the function
+    you jit: `jax.jit(with_mesh(step, mesh), in_shardings=...)`."""
+    @functools.wraps(fn)
+    def traced_on_mesh(*args, **kwargs):
+        token = _TRACED_MESH.set(mesh)
+        try:
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args, **kwargs)
+        finally:
+            _TRACED_MESH.reset(token)
+
+    return traced_on_mesh
+
+
+def current_mesh() -> Mesh | None:
+    """The concrete Mesh the running trace was started under by `with_mesh`, or None."""
+    return _TRACED_MESH.get()
 
 
 def _is_var(x: Any) -> bool:
@@ -258,9 +304,10 @@ def make_sharded_update(graphdef: nnx.GraphDef, loss_fn: Callable[[nnx.Module, A
 def jit_sharded_step(step: Callable[[Any, Any, Any], tuple[Any, Any, dict]], param_shardings: Any,
                      opt_shardings: Any, batch_sharding: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, dict]]:
     """Jits a pure `step(params, opt_state, batch) -> (params, opt_state, metrics)` on the parameters' mesh:
-    explicit in/out shardings, params and opt_state donated, metrics replicated."""
+    explicit in/out shardings, params and opt_state donated, metrics replicated, traced under the mesh (so the
+    model's activation constraints apply, see `constrain`)."""
     mesh = _mesh_of(param_shardings)
-    return jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_sharding),
+    return jax.jit(with_mesh(step, mesh), in_shardings=(param_shardings, opt_shardings, batch_sharding),
                    out_shardings=(param_shardings, opt_shardings, _replicated(mesh)), donate_argnums=(0, 1))
 
 

@@ -118,3 +118,64 @@ def per_token_policy_loss(logp, old_logp, adv, *, eps_low, eps_high, dual_clip=N
 
 def policy_loss(logp, old_logp, adv, mask, *, agg, max_len=None, weights=None, **kw):
     return aggregate(per_token_policy_loss(logp, old_logp, adv, **kw), mask, agg, max_len, weights)
+
+
+def filter_keep(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """bool [..., V]: the sampler's top-k then top-p set, by an explicit sort and a running sum per row.
+
+    top-k: every token whose logit is >= the k-th largest (ties at the k-th value all stay). top-p: over the
+    distribution renormalized on that set, tokens in descending logit order (ties in index order), a token
+    stays when the mass strictly before it is < top_p.
+    """
+    z = np.asarray(logits, np.float64) / temperature
+    keep = np.zeros(z.shape, bool)
+    for row in np.ndindex(z.shape[:-1]):
+        v = z[row]
+        allowed = np.ones(v.shape, bool)
+        if top_k:
+            kth = sorted(v, reverse=True)[top_k - 1]
+            allowed = v >= kth
+        if top_p < 1.0:
+            p = np.where(allowed, np.exp(v - v.max()), 0.0)
+            p /= p.sum()
+            order = sorted(range(len(v)), key=lambda i: (-v[i], i))
+            before = 0.0
+            for i in order:
+                if before >= top_p:
+                    allowed[i] = False
+                before += p[i]
+        keep[row] = allowed
+    return keep
+
+
+def filtered_token_logprobs(logits, targets, temperature=1.0, top_k=0, top_p=1.0):
+    """Log-probs under the filtered tempered distribution; -inf for a target outside the kept set."""
+    z = np.asarray(logits, np.float64) / temperature
+    keep = filter_keep(logits, temperature, top_k, top_p)
+    lp = log_softmax(np.where(keep, z, -np.inf))
+    return np.take_along_axis(lp, np.asarray(targets)[..., None], axis=-1)[..., 0]
+
+
+def filtered_token_entropy(logits, temperature=1.0, top_k=0, top_p=1.0):
+    z = np.asarray(logits, np.float64) / temperature
+    keep = filter_keep(logits, temperature, top_k, top_p)
+    lp = log_softmax(np.where(keep, z, -np.inf))
+    return -np.where(keep, np.exp(lp) * np.where(keep, lp, 0.0), 0.0).sum(axis=-1)
+
+
+def grouped_advantages(rewards, group_ids, mask=None, scale="std", eps=1e-6, ddof=0):
+    """Loops over the distinct ids of the valid entries; each id's valid entries are one group."""
+    r = np.asarray(rewards, np.float64)
+    ids = np.asarray(group_ids)
+    m = np.ones(r.shape, bool) if mask is None else np.asarray(mask) != 0
+    out = np.zeros(r.shape, np.float64)
+    for g in sorted(set(ids[m].tolist())):
+        members = [i for i in np.ndindex(r.shape) if m[i] and ids[i] == g]
+        values = np.array([r[i] for i in members])
+        if np.all(values == values[0]):
+            continue
+        mean = values.mean()
+        std = values.std(ddof=ddof) if len(values) > ddof else 0.0
+        for i in members:
+            out[i] = (r[i] - mean) / (std + eps) if scale == "std" else r[i] - mean
+    return out

@@ -1,113 +1,32 @@
-"""The decoupled mode: the sub-agent generation service, failed delegations when it is down, and two real jobs
-(launch/train.py --role main / --role sub) over SQLite and over a real redis-server, with a SIGKILLed sub job."""
-import json
+"""The decoupled mode: failed delegations when the sub-agent service is down, the sub job's batch, and two real jobs
+(launch/train.py --role main / --role sub) over SQLite and over a real Redis-compatible server (tests/redis_server.py),
+with a SIGKILLed sub job."""
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from mgrpo_jax.metrics import read_metrics_jsonl
-from mgrpo_jax.models import ModelConfig, init_model
 from mgrpo_jax.rollout.controller import Controller, ControllerConfig, TextCodec, ToolSet
 from mgrpo_jax.rollout.protocol import ProtocolConfig
-from mgrpo_jax.rollout.sampler import Sampler, SamplerConfig
-from mgrpo_jax.train.service import GenerationService, RemoteSubPolicy, ServiceUnavailableError
+from mgrpo_jax.train.service import RemoteSubPolicy, ServiceUnavailableError
 from mgrpo_jax.train.store import open_store
+from redis_server import free_port, start_redis_server
 from rollout_fixtures import ScriptedPolicy, tokenizer, tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=8, architecture="qwen3", qk_norm=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def sampler_and_params():
-    graphdef, state = nnx.split(init_model(CFG, seed=3))
-    sampler = Sampler(graphdef, CFG, SamplerConfig(batch_size=8, max_new_tokens=6, prompt_buckets=(16,),
-                                                   eos_ids=(1,), pad_id=0))
-    return sampler, state
-
-
-# ------------------------------------------------------------------------------------------------ service
-
-
-def test_service_matches_the_local_sampler_batches_concurrent_requests_and_reports_health(sampler_and_params):
-    sampler, params = sampler_and_params
-    prompts, stops = [[5, 9, 2], [7, 1, 3, 3, 8]], [[4, 4]]
-    with GenerationService(sampler, params, 7, batch_window_s=0.3) as service:
-        client = RemoteSubPolicy(service.url, max_new_tokens=6, max_prompt_tokens=16, deadline_s=30)
-        health = client.health()
-        assert health["status"] == "ok" and health["policy_version"] == 7 and health["max_new_tokens"] == 6
-        assert client.version == 7
-
-        # One request alone: exactly what the local sampler gives for the same seed.
-        rng = jax.random.key(11)
-        remote = client.generate(prompts, rng, stops)
-        seed = int(jax.random.randint(rng, (), 0, np.iinfo(np.int32).max))
-        local = sampler.generate(params, prompts, jax.random.key(seed), stops)
-        for r, loc in zip(remote, local):
-            np.testing.assert_array_equal(r.tokens, loc.tokens)
-            np.testing.assert_array_equal(r.logprobs, loc.logprobs)
-            assert r.finish_reason == loc.finish_reason
-        assert len(remote[0].tokens) >= 1
-
-        # Concurrent requests are merged into fewer sampler batches; each gets its own rows back.
-        before_req, before_batches = service.requests, service.batches
-        results = {}
-
-        def ask(i):
-            results[i] = client.generate([[3 + i, 5, 7]] * (1 + i % 2), jax.random.key(i), stops)
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert sorted(results) == list(range(6))
-        assert [len(results[i]) for i in range(6)] == [1 + i % 2 for i in range(6)]
-        for samples in results.values():
-            for s in samples:
-                assert 1 <= len(s.tokens) == len(s.logprobs) <= 6 and np.all(s.logprobs <= 0)
-                assert s.finish_reason in ("length", "eos", "stop")
-        assert service.requests - before_req == 6
-        assert service.batches - before_batches < 6, "concurrent requests were not merged"
-
-        # New weights: served with the new version (and a copy: the caller may donate its buffers).
-        new = jax.tree.map(lambda x: x * 2.0, params)
-        service.set_weights(new, 8)
-        jax.tree.map(lambda x: x.delete(), new)  # as a donating update would
-        client.generate(prompts, rng, stops)
-        assert client.version == 8 and client.health()["policy_version"] == 8
-
-        # The OpenAI-style shape, and a bad request is a 400 (ValueError on the client, no retries).
-        body = json.dumps({"prompt": prompts[0], "seed": 1}).encode()
-        req = urllib.request.Request(service.url + "/v1/completions", data=body, method="POST")
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            out = json.loads(resp.read())
-        assert len(out["choices"]) == 1 and out["policy_version"] == 8
-        assert len(out["choices"][0]["token_ids"]) == len(out["choices"][0]["logprobs"]["token_logprobs"]) >= 1
-        with pytest.raises(ValueError, match="400"):
-            client.generate([[]], rng, stops)  # an empty prompt: the sampler refuses it
+# ------------------------------------------------------------------------------------------------ client
 
 
 def test_client_gives_up_after_its_deadline_when_the_service_is_down():
-    client = RemoteSubPolicy(f"http://127.0.0.1:{_free_port()}", max_new_tokens=6, max_prompt_tokens=16,
+    client = RemoteSubPolicy(f"http://127.0.0.1:{free_port()}", max_new_tokens=6, max_prompt_tokens=16,
                              deadline_s=1.0, request_timeout_s=0.5)
     t0 = time.monotonic()
     with pytest.raises(ServiceUnavailableError, match="unreachable"):
@@ -121,7 +40,7 @@ def test_controller_marks_delegations_failed_when_the_service_is_down():
     proto = ProtocolConfig()
     main = ScriptedPolicy(tok, lambda p: "<answer>x</answer>" if "<information>" in p.split("assistant\n")[-1]
                           else "<delegate>who?</delegate>")
-    down = RemoteSubPolicy(f"http://127.0.0.1:{_free_port()}", max_new_tokens=16, max_prompt_tokens=4096,
+    down = RemoteSubPolicy(f"http://127.0.0.1:{free_port()}", max_new_tokens=16, max_prompt_tokens=4096,
                            deadline_s=0.5, request_timeout_s=0.2)
     controller = Controller(config=ControllerConfig(max_main_context=4096, max_sub_context=4096), codec=codec,
                             main_policy=main, main_protocol=proto.main(), tools=ToolSet(tools()), sub_policy=down,
@@ -166,9 +85,8 @@ def test_sub_batch_from_store_records_equals_the_single_program_batch():
     settings = _SubSettings(2, k_n, 2, AlignmentConfig(d_max=2), "per_query", dict(scale="std", eps=1e-6, ddof=0), 0)
 
     # The single-program loop's construction (train/mgrpo.py), from the rollouts themselves.
-    _, expected, want_metrics = aligned_sub_segments(rollouts.sub_counts, rollouts.sub, sub_r, main_r, 2,
-                                                     settings.alignment, "per_query", settings.adv_opts,
-                                                     np.random.default_rng([0, step]))
+    expected, want_metrics = aligned_sub_segments(rollouts.sub_counts, rollouts.sub, sub_r, 2, settings.alignment,
+                                                  "per_query", settings.adv_opts, np.random.default_rng([0, step]))
     assert max(abs(s.advantage) for s in expected) > 0.1  # the sub rewards vary: a wrong grouping shows
 
     # Through the store: query 1 of step 3 arrives as query 0 of step 5.
@@ -190,6 +108,9 @@ def test_sub_batch_from_store_records_equals_the_single_program_batch():
 # ------------------------------------------------------------------------------------------- two jobs
 
 STEPS = 5
+# How long a phase of the two jobs may take before it counts as hung. Each job compiles its programs from scratch
+# (1-2 minutes on 2 busy cores), so this is generous; a real hang still fails.
+HANG_S = 300
 OVERRIDES = {
     "total_steps": STEPS, "eval_questions": 0, "checkpoint.save_interval_steps": 2,
     "mgrpo.num_queries": 2, "mgrpo.num_rollouts": 2, "mgrpo.alignment.d_max": 1,
@@ -237,7 +158,7 @@ def _metrics(path):
 
 
 def _wait_rows(workdir, role, n, proc):
-    deadline = time.monotonic() + 100
+    deadline = time.monotonic() + HANG_S
     while len(_metrics(os.path.join(workdir, role))) < n:
         assert time.monotonic() < deadline and proc.poll() is None, _tail(workdir)
         time.sleep(0.2)
@@ -248,7 +169,7 @@ def _run_jobs(workdir, store_url, kill_main_after=None, kill_sub_after=None, cra
     crash_sub_at_ack=n: the sub job dies at its n-th ack (after a checkpoint, before the ack). A killed job is
     restarted with the same command. Returns (main metrics, sub metrics)."""
     workdir = str(workdir)
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     try:
         crash = {"DECOUPLED_CRASH_AT_ACK": str(crash_sub_at_ack)} if crash_sub_at_ack else {}
@@ -266,11 +187,11 @@ def _run_jobs(workdir, store_url, kill_main_after=None, kill_sub_after=None, cra
             _wait_rows(workdir, "sub", kill_sub_after, sub)
             sub.send_signal(signal.SIGKILL)
         if kill_sub_after is not None or crash_sub_at_ack:
-            assert _wait(sub, 100, "sub job until its crash", workdir) != 0
+            assert _wait(sub, HANG_S, "sub job until its crash", workdir) != 0
             sub, log = _start("sub", workdir, store_url, port, "sub_restarted.log")
             procs.append(sub), logs.append(log)
-        assert _wait(main, 110, "main job", workdir) == 0, _tail(workdir)
-        assert _wait(sub, 90, "sub job", workdir) == 0, _tail(workdir)
+        assert _wait(main, HANG_S, "main job", workdir) == 0, _tail(workdir)
+        assert _wait(sub, HANG_S, "sub job", workdir) == 0, _tail(workdir)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -297,7 +218,10 @@ def _check_exactly_once(store_url, main_rows, sub_rows):
     for r in sub_rows:  # the sub-agent really trained on the records: rewards vary, so gradients flow
         assert r["decoupled/groups_trained"] == 2 and np.isfinite(r["sub/loss"])
         assert r["sub/zero_variance_frac"] < 1 and r["sub/grad_norm"] > 0, r
-    assert main_rows[-1]["main/policy_version"] == STEPS
+    # Every step either updated the main agent or counted its update as skipped (all-equal main rewards give no
+    # loss token: the scripted delegations do not make the random main agent answer well).
+    skipped = sum(r["main/skipped_empty"] for r in main_rows)
+    assert main_rows[-1]["main/policy_version"] + skipped == STEPS, (main_rows[-1]["main/policy_version"], skipped)
     # The main job saw the sub-agent's versions move (weights handed to the service after each update).
     assert max(r["decoupled/sub_policy_version"] for r in main_rows) >= 1
 
@@ -313,24 +237,9 @@ def test_two_jobs_over_sqlite_with_each_job_killed_and_restarted(tmp_path):
 
 @pytest.fixture
 def redis_url(tmp_path):
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed, so the decoupled Redis test cannot run: apt-get install -y "
-                    "redis-server (.ci/run installs it from Debian)")
-    port = _free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and proc.poll() is None, "redis-server did not start"
-            time.sleep(0.1)
-    yield f"redis://127.0.0.1:{port}/0?namespace=decoupled-test"
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = start_redis_server(tmp_path)
+    yield f"{server.url}?namespace=decoupled-test"
+    server.kill()
 
 
 def test_two_jobs_over_redis_with_the_sub_job_dying_between_checkpoint_and_ack(tmp_path, redis_url):

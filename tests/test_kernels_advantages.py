@@ -1,14 +1,22 @@
-"""group_relative_advantages / group_statistics / mgrpo_advantages against the NumPy oracle."""
+"""group_relative_advantages / group_statistics / grouped_* / mgrpo_advantages against the NumPy oracle."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import np_reference as ref
-from mgrpo_jax.kernels import group_relative_advantages, group_statistics, mgrpo_advantages
+from mgrpo_jax.kernels import (
+    group_relative_advantages,
+    group_statistics,
+    grouped_advantages,
+    grouped_statistics,
+    mgrpo_advantages,
+    sub_advantages,
+    sub_group_ids,
+)
 
 
 def _rewards(rng, shape, n_levels=4):
@@ -120,7 +128,7 @@ def test_bad_arguments_raise_clear_errors():
 
 # ---- M-GRPO grouping ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sub_group,axes", [("per_query", (1, 2)), ("per_rollout", (2,)), ("per_call_index", (1,))])
+@pytest.mark.parametrize("sub_group,axes", [("per_query", (1, 2)), ("per_rollout", (2,))])
 def test_mgrpo_groupings(sub_group, axes):
     rng = np.random.default_rng(4)
     q, k, d = 3, 4, 3
@@ -130,6 +138,116 @@ def test_mgrpo_groupings(sub_group, axes):
     adv_main, adv_sub = mgrpo_advantages(main, sub, sub_mask, sub_group=sub_group)
     np.testing.assert_allclose(adv_main, ref.group_advantages(main, None, 1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(adv_sub, ref.group_advantages(sub, sub_mask, axes), rtol=1e-5, atol=1e-5)
+
+
+def test_mgrpo_per_call_index_groups_by_the_records_call_index():
+    # Issue 17: slot i does not hold call i once alignment drops, duplicates or borrows. The group is
+    # (query, call index of the record), wherever the record sits.
+    rng = np.random.default_rng(6)
+    q, k, d = 3, 4, 3
+    main, sub = _rewards(rng, (q, k)), _rewards(rng, (q, k, d))
+    sub_mask = rng.random((q, k, d)) > 0.2
+    call_index = np.where(sub_mask, rng.integers(0, 5, size=(q, k, d)), -1)
+    _, adv_sub = mgrpo_advantages(main, sub, sub_mask, sub_group="per_call_index", sub_call_index=call_index)
+    groups = np.where(sub_mask, np.arange(q)[:, None, None] * 100 + call_index, -1)
+    np.testing.assert_allclose(adv_sub, ref.grouped_advantages(sub, groups, sub_mask), rtol=1e-5, atol=1e-5)
+    # The issue's case: one trajectory (reward 1, call 0) in slot 0 of rollout 0 and, duplicated, in slot 1 of
+    # rollout 1. Grouped by slot it got two different advantages; grouped by call it gets one.
+    sub = np.array([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]], np.float32)
+    call = np.array([[[0, 1], [0, 0], [0, 1]]])
+    _, adv = mgrpo_advantages(np.zeros((1, 3)), sub, np.ones_like(sub), sub_group="per_call_index",
+                              sub_call_index=call)
+    adv = np.asarray(adv)
+    assert adv[0, 0, 0] == adv[0, 1, 1] != 0
+    np.testing.assert_allclose(adv[0, 0, 0], ref.group_advantages(np.array([[1.0, 0.0, 1.0, 0.0]]), None, 1)[0, 0],
+                               rtol=1e-5)
+
+
+def test_mgrpo_per_rollout_masks_borrowed_slots():
+    # Issue 17: a rollout with no call of its own borrows siblings' trajectories; under per_rollout those
+    # slots must not form a group (before, the only non-zero sub advantages came from such a group).
+    sub = np.array([[[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]]], np.float32)  # rollout 2 holds borrowed copies
+    borrowed = np.zeros(sub.shape, bool)
+    borrowed[0, 2] = True
+    _, adv = mgrpo_advantages(np.zeros((1, 3)), sub, np.ones_like(sub), sub_group="per_rollout",
+                              sub_borrowed=borrowed)
+    adv = np.asarray(adv)
+    np.testing.assert_array_equal(adv[0, 2], [0.0, 0.0])
+    np.testing.assert_allclose(adv[0, :2], ref.group_advantages(sub[0, :2], None, 1), rtol=1e-5, atol=1e-6)
+    # per_query keeps borrowed slots as members (same query): unchanged behaviour.
+    _, adv_q = mgrpo_advantages(np.zeros((1, 3)), sub, np.ones_like(sub), sub_borrowed=borrowed)
+    np.testing.assert_allclose(adv_q, ref.group_advantages(sub, None, (1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_sub_group_ids_and_errors():
+    mask = np.ones((2, 3, 2), bool)
+    call = np.array([[[0, 1], [0, 0], [2, 1]], [[0, 1], [1, 1], [0, 0]]])
+    ids, m = sub_group_ids("per_call_index", mask, sub_call_index=call)
+    ids = np.asarray(ids)
+    for a in np.ndindex(ids.shape):
+        for b in np.ndindex(ids.shape):
+            assert (ids[a] == ids[b]) == (a[0] == b[0] and call[a] == call[b])
+    with pytest.raises(ValueError, match="pass sub_call_index"):
+        sub_advantages(np.zeros((2, 3, 2)), mask, sub_group="per_call_index")
+    with pytest.raises(ValueError, match=r"sub_call_index \(2, 3, 1\)"):
+        sub_advantages(np.zeros((2, 3, 2)), mask, sub_group="per_call_index", sub_call_index=call[..., :1])
+
+
+# ---- arbitrary groups -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", ["std", "none"])
+@pytest.mark.parametrize("ddof", [0, 1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_matches_numpy(scale, ddof, masked):
+    rng = np.random.default_rng(7)
+    rewards = _rewards(rng, (3, 4, 5))
+    ids = rng.choice([-7, 0, 3, 1000003, 2**30], size=(3, 4, 5))  # any ints, not dense, not small
+    mask = rng.random((3, 4, 5)) > 0.3 if masked else None
+    got = grouped_advantages(rewards, ids, mask, scale=scale, ddof=ddof)
+    assert got.dtype == jnp.float32 and got.shape == rewards.shape
+    np.testing.assert_allclose(got, ref.grouped_advantages(rewards, ids, mask, scale=scale, ddof=ddof),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_equals_the_axis_grouping():
+    rng = np.random.default_rng(8)
+    rewards, mask = _rewards(rng, (4, 3, 2)), rng.random((4, 3, 2)) > 0.3
+    ids = np.broadcast_to(np.arange(4)[:, None, None], rewards.shape)
+    np.testing.assert_allclose(grouped_advantages(rewards, ids, mask),
+                               group_relative_advantages(rewards, mask, axis=(1, 2)), rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_statistics_per_group():
+    r = np.array([1.0, 2.0, 5.0, 0.1, 0.1, 9.0], np.float32)
+    ids = np.array([7, 3, 7, 3, 3, 5])
+    mask = np.array([1, 0, 1, 1, 1, 0])
+    stats = grouped_statistics(r, ids, mask, ddof=0)
+    # Groups of valid entries in ascending id order: 3 -> {0.1, 0.1}, 7 -> {1, 5}; the rest empty.
+    np.testing.assert_array_equal(stats.count, [2, 2, 0, 0, 0, 0])
+    np.testing.assert_allclose(stats.mean[:2], [0.1, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(stats.std[:2], [0.0, 2.0], atol=1e-6)
+    np.testing.assert_array_equal(stats.zero_variance, [True, False, False, False, False, False])
+
+
+def test_grouped_jit_grad_vmap():
+    rng = np.random.default_rng(9)
+    r = rng.normal(size=(5, 4)).astype(np.float32)
+    ids = rng.integers(0, 3, size=(5, 4))
+    r[ids == 1] = 0.5  # a zero-variance group must not make the gradient NaN
+    f = jax.jit(lambda x, g: jnp.sum(grouped_advantages(x, g) * jnp.arange(4.0)))
+    assert np.all(np.isfinite(np.asarray(jax.grad(f)(r, ids))))
+    vmapped = jax.vmap(grouped_advantages)(r, ids)
+    for row in range(5):
+        np.testing.assert_allclose(vmapped[row], ref.grouped_advantages(r[row], ids[row]), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_bad_arguments():
+    with pytest.raises(ValueError, match=r"group_ids must have the shape of rewards"):
+        grouped_advantages(np.zeros((2, 3)), np.zeros((3, 2), int))
+    with pytest.raises(ValueError, match=r"group_ids must be integers"):
+        grouped_advantages(np.zeros((2, 3)), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"scale='var'"):
+        grouped_advantages(np.zeros((2, 3)), np.zeros((2, 3), int), scale="var")
 
 
 def test_mgrpo_groups_never_mix_queries():
@@ -154,6 +272,9 @@ def test_mgrpo_bad_arguments():
         mgrpo_advantages(np.zeros((2, 3)), np.zeros((2, 4, 4)), np.ones((2, 4, 4)))
     with pytest.raises(ValueError, match=r"mask \(2, 3, 5\)"):
         mgrpo_advantages(np.zeros((2, 3)), np.zeros((2, 3, 4)), np.ones((2, 3, 5)))
+    with pytest.raises(ValueError, match=r"sub_borrowed \(2, 3, 5\)"):
+        mgrpo_advantages(np.zeros((2, 3)), np.zeros((2, 3, 4)), np.ones((2, 3, 4)), sub_group="per_rollout",
+                         sub_borrowed=np.zeros((2, 3, 5), bool))
 
 
 # ---- properties -----------------------------------------------------------------------------------------
@@ -186,3 +307,13 @@ def test_outputs_always_finite(r, mask_row):
         adv = np.asarray(group_relative_advantages(r, mask, scale=scale))
         assert np.all(np.isfinite(adv))
         assert np.all(adv[~mask] == 0)
+
+
+@settings(max_examples=15)
+@given(hnp.arrays(np.float32, st.just((2, 6)),
+                  elements=st.integers(0, 3).map(lambda v: np.float32(v / 2))),
+       st.randoms(use_true_random=False))
+def test_grouped_is_invariant_to_renaming_groups(r, rnd):
+    ids = np.array([[rnd.randrange(3) for _ in range(r.shape[1])] for _ in range(r.shape[0])])
+    renamed = np.vectorize({0: 905, 1: -2, 2: 17}.get)(ids)
+    np.testing.assert_array_equal(grouped_advantages(r, ids), grouped_advantages(r, renamed))

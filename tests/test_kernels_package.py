@@ -19,7 +19,8 @@ def test_importing_kernels_does_not_import_flax():
 
 def test_public_names():
     for name in ("group_relative_advantages", "mgrpo_advantages", "token_logprobs", "chunked_token_logprobs",
-                 "kl_estimate", "aggregate_loss", "policy_loss"):
+                 "kl_estimate", "aggregate_loss", "policy_loss", "filter_logits", "grouped_advantages",
+                 "grouped_statistics", "sub_advantages", "sub_group_ids"):
         assert callable(getattr(K, name)), name
 
 
@@ -35,6 +36,7 @@ def _calls():
             rewards=r.normal(size=(3, 4)).astype(f32),
             sub=r.normal(size=(3, 4, 2)).astype(f32),
             sub_mask=r.random((3, 4, 2)) > 0.3,
+            call_index=r.integers(0, 4, size=(3, 4, 2)).astype(np.int32),
             logits=r.normal(size=(b, t, v)).astype(f32),
             hidden=r.normal(size=(b, t, h)).astype(f32),
             unembed=r.normal(size=(h, v)).astype(f32),
@@ -49,9 +51,18 @@ def _calls():
     specs = {
         "group_relative_advantages": (K.group_relative_advantages, lambda x: (x["rewards"],)),
         "mgrpo_advantages": (K.mgrpo_advantages, lambda x: (x["rewards"], x["sub"], x["sub_mask"])),
+        "mgrpo_advantages_per_call_index": (
+            lambda m, s, sm, ci: K.mgrpo_advantages(m, s, sm, sub_group="per_call_index", sub_call_index=ci),
+            lambda x: (x["rewards"], x["sub"], x["sub_mask"], x["call_index"])),
         "token_logprobs": (functools.partial(K.token_logprobs, temperature=0.8), lambda x: (x["logits"], x["targets"])),
+        "token_logprobs_top_p": (functools.partial(K.token_logprobs, top_k=5, top_p=0.7),
+                                 lambda x: (x["logits"], x["targets"])),
         "chunked_token_logprobs": (
             jax.grad(lambda hd, w, tg: K.chunked_token_logprobs(hd, w, tg, chunk_size=4).sum(), argnums=(0, 1)),
+            lambda x: (x["hidden"], x["unembed"], x["targets"])),
+        "chunked_token_logprobs_top_p": (
+            jax.grad(lambda hd, w, tg: K.chunked_token_logprobs(hd, w, tg, chunk_size=4, top_p=0.6).sum(),
+                     argnums=(0, 1)),
             lambda x: (x["hidden"], x["unembed"], x["targets"])),
         "kl_estimate": (functools.partial(K.kl_estimate, clamp=5.0), lambda x: (x["logp"], x["old"])),
         "aggregate_loss": (functools.partial(K.aggregate_loss, mode="seq-mean-token-mean"),

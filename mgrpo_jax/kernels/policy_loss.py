@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mgrpo_jax.kernels._checks import check_option, check_rank, check_same_shape
 
@@ -59,11 +60,13 @@ def aggregate_denominator(token_count, weights=None, *, mode: str, max_len: int)
     zero) adds their denominator with this, so the loss of the sequences it does run keeps its exact scale.
     """
     check_option("mode", mode, AGG_MODES)
-    n = jnp.asarray(token_count).astype(_f32)
-    w = jnp.ones(jnp.shape(n), _f32) if weights is None else jnp.asarray(weights).astype(_f32)
+    # NumPy in, NumPy out: a trainer calls this on the host for every batch, where jnp would compile per shape.
+    xp = np if isinstance(token_count, np.ndarray) and (weights is None or isinstance(weights, np.ndarray)) else jnp
+    n = xp.asarray(token_count).astype(_f32)
+    w = xp.ones(n.shape, _f32) if weights is None else xp.asarray(weights).astype(_f32)
     if mode == "token-mean":
-        return jnp.sum(w * n)
-    seqs = jnp.sum(w * (n > 0).astype(_f32))
+        return xp.sum(w * n)
+    seqs = xp.sum(w * (n > 0).astype(_f32))
     return max_len * seqs if mode == "seq-mean-token-sum-norm" else seqs
 
 

@@ -11,6 +11,8 @@ from mgrpo_jax.models.hf import (
     tensor_specs,
 )
 from mgrpo_jax.models.transformer import (
+    ATTENTION_IMPLEMENTATIONS,
+    REMAT_POLICIES,
     SUPPORTED_ARCHITECTURES,
     KVCache,
     ModelConfig,
@@ -23,8 +25,8 @@ from mgrpo_jax.models.transformer import (
 )
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES", "KVCache", "ModelConfig", "RopeScaling", "Transformer", "abstract_model",
-    "attention_mask_from_segments", "check_tokenizer", "hf_config_from", "init_model", "load_config",
+    "ATTENTION_IMPLEMENTATIONS", "REMAT_POLICIES", "SUPPORTED_ARCHITECTURES", "KVCache", "ModelConfig",
+    "RopeScaling", "Transformer", "abstract_model", "attention_mask_from_segments", "check_tokenizer", "hf_config_from", "init_model", "load_config",
     "load_hf_config", "load_model", "load_params", "load_tokenizer", "positions_from_mask", "save_hf",
     "tensor_specs",
 ]

@@ -2,18 +2,28 @@
 
 One module tree serves three paths that share every layer:
 
-- `Transformer.__call__`: the training / scoring forward over a whole padded batch, no cache.
+- `Transformer.__call__`: the training / scoring forward over a whole padded (or packed) batch, no cache.
 - `Transformer.prefill`: the same forward that also writes keys and values into a `KVCache`.
 - `Transformer.decode_step`: one new token per row against the cache.
 
-Attention always uses an explicit boolean mask built by `attention_mask_from_segments` from segment ids (the
-`attention_mask` argument: 0 = pad, >0 = real) and slot indices (causal order), so a pad token never attends
-and is never attended to, whatever side the padding is on. RoPE takes explicit `positions`, so left-padded
-rows use positions that start at 0 on their first real token, as transformers does with `position_ids`.
+The layers are one stacked `DecoderLayer` (every parameter has a leading layer axis, logical name "layers")
+applied with `jax.lax.scan`, so the program, and its compile time, do not grow with
+depth; in training the scanned body is wrapped in `jax.checkpoint` with the named policy `ModelConfig.remat`
+(LESSONS.md, item 16). The KV cache is stacked the same way, [layers, B, S, kv_heads, head_dim].
+
+Attention takes segment ids (the `attention_mask` argument: 0 = pad, equal positive ids = one sequence, so
+packed rows with several sequences work) and slot indices (causal order), and runs `ModelConfig.attention`'s
+implementation of `mgrpo_jax.models.attention.attention` (dense, chunked, cudnn, splash, auto); the model never
+builds a [B, T, S] mask (LESSONS.md, item 15): query t attends key s iff
+q_seg[t] != 0 and q_seg[t] == kv_seg[s] and slot[s] <= slot[t]. A pad token never attends and is never attended
+to, whatever side the padding is on. RoPE takes explicit `positions`, so left-padded rows use positions that
+start at 0 on their first real token, as transformers does with `position_ids`.
 
 Parameters are stored in the layout the einsums want (`[embed, heads, head_dim]` kernels, not the flattened
 PyTorch `[out, in]`), each `nnx.Param` tagged with logical axis names in its `out_sharding` metadata
 (`eager_sharding=False`: a model is built without any mesh; `mgrpo_jax.sharding` maps the names to a mesh).
+Activations are constrained by logical names too (`sharding.constrain`: batch over the data axis), which is a
+no-op unless the computation is traced under a mesh (`sharding.jit_sharded_step` sets one).
 """
 from __future__ import annotations
 
@@ -25,14 +35,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from mgrpo_jax.models import attention as attention_lib
+from mgrpo_jax.sharding import constrain, current_mesh
 
 Array = jax.Array
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
-# Logical axis names used by the parameters (and by the KV cache), for `mgrpo_jax.sharding` rules.
-LOGICAL_AXES = ("vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")
+# Logical axis names used by the parameters ("layers" is the stacked layer axis), for `mgrpo_jax.sharding`
+# rules; activations use "batch", "length", "act_embed" and the head / mlp names.
+LOGICAL_AXES = ("layers", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm")
+
+# `ModelConfig.remat`: what the scanned layer keeps for the backward pass (the rest is recomputed).
+#   none: no remat (keeps every intermediate); full: keeps only the layer's input;
+#   dots: keeps every matmul output (jax.checkpoint_policies.dots_saveable; includes attention scores);
+#   dots_no_batch: keeps the matmuls without batch dimensions, i.e. the projections, not the scores;
+#   save_attn_out: keeps only the attention output (named ATTENTION_OUT): recomputing what follows attention
+#     (output projection, MLP) needs no attention forward, though attention's own backward still recomputes
+#     its internals (scores, or the blockwise statistics).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
+ATTENTION_OUT = "attn_out"
+# `ModelConfig.attention`: the attention implementation (`mgrpo_jax.models.attention`: dense, chunked,
+# cudnn, splash, auto).
+ATTENTION_IMPLEMENTATIONS = attention_lib.IMPLEMENTATIONS
+
+
+def remat_policy(value: Any) -> str:
+    """A `remat` setting -> its policy name: True -> "full", False/None -> "none", names are checked."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return "full" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"ModelConfig.remat={value!r} is not a remat policy; choose one of "
+                         f"{list(REMAT_POLICIES)} (True means 'full', False 'none')")
+    return str(value)
+
+
+def _checkpoint_policy(name: str):
+    """Policy name -> the `jax.checkpoint` policy of the scanned layer body (None: no checkpoint)."""
+    policies = jax.checkpoint_policies
+    return {
+        "none": None,
+        "full": policies.nothing_saveable,
+        "dots": policies.dots_saveable,
+        "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+        "save_attn_out": policies.save_only_these_names(ATTENTION_OUT),
+    }[name]
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -56,7 +106,11 @@ class ModelConfig:
     the q/k/v projections (Qwen2 always, Llama/Qwen3 when their config says so) and `attention_out_bias` to the
     output projection (Llama/Qwen3 `attention_bias=True`); `qk_norm` is Qwen3's per-head RMSNorm of q and k.
     `param_dtype` is the storage dtype of the parameters, `dtype` the compute dtype of activations; logits are
-    always float32 and RMSNorm always computes in float32.
+    always float32 and RMSNorm always computes in float32. `remat` names the rematerialization policy of the
+    scanned layers (`REMAT_POLICIES`; booleans are accepted: True = "full", False = "none"); `attention` the
+    attention implementation (`ATTENTION_IMPLEMENTATIONS`). `scan_unroll` is the layers per iteration of the
+    layer scan (`jax.lax.scan(unroll=...)`): 1 keeps the program independent of depth; `num_layers` unrolls it
+    (XLA's cost analysis counts a loop body once, so FLOP counts need the unrolled program).
     """
 
     vocab_size: int
@@ -75,13 +129,15 @@ class ModelConfig:
     qk_norm: bool = False
     param_dtype: str = "float32"
     dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"
     max_position_embeddings: int = 8192
     architecture: str = "llama"
+    attention: str = "dense"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "max_position_embeddings"):
+                    "head_dim", "max_position_embeddings", "scan_unroll"):
             value = getattr(self, key)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"ModelConfig.{key} must be a positive integer, got {value!r}")
@@ -105,6 +161,10 @@ class ModelConfig:
             object.__setattr__(self, key, name)  # normalize jnp.bfloat16 etc. to a string: hashable, printable
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "remat", remat_policy(self.remat))
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r} is not an attention implementation; "
+                             f"choose one of {list(ATTENTION_IMPLEMENTATIONS)}")
 
     @property
     def num_groups(self) -> int:
@@ -116,7 +176,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any, *, param_dtype: str = "float32", dtype: str = "float32",
-                remat: bool = False) -> "ModelConfig":
+                remat: str | bool = "none", attention: str = "dense") -> "ModelConfig":
         """Build a config from a transformers `PretrainedConfig` (LlamaConfig, Qwen2Config or Qwen3Config).
 
         Raises ValueError for any other architecture or for features this decoder does not implement
@@ -165,7 +225,7 @@ class ModelConfig:
             attention_bias=qkv_bias, attention_out_bias=out_bias, qk_norm=model_type == "qwen3",
             param_dtype=param_dtype, dtype=dtype, remat=remat,
             max_position_embeddings=int(getattr(hf_config, "max_position_embeddings", 8192)),
-            architecture=model_type)
+            architecture=model_type, attention=attention)
 
 
 # ------------------------------------------------------------------------------------------- components
@@ -238,18 +298,35 @@ def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
 
 def attention_mask_from_segments(q_segment_ids: Array, q_slots: Array, kv_segment_ids: Array,
                                  kv_slots: Array) -> Array:
-    """Boolean attention mask [B, T, S]: query t may attend key s.
+    """Boolean attention mask [B, T, S]: query t may attend key s (what `attention.attention` computes with).
 
-    mask[b,t,s] = (q_seg[b,t] != 0) & (q_seg[b,t] == kv_seg[b,s]) & (kv_slots[s] <= q_slots[b,t])
+    mask[b,t,s] = (q_seg[b,t] != 0) & (q_seg[b,t] == kv_seg[b,s]) & (kv_slots[b,s] <= q_slots[b,t])
 
     q_segment_ids [B, T], kv_segment_ids [B, S]: 0 marks a pad, equal positive ids share a sequence (so packed
-    rows work too). q_slots [B, T] / kv_slots [S]: the index of each token in the row (cache slot), which orders
-    tokens causally regardless of the RoPE positions.
+    rows work too). q_slots [B, T] / kv_slots [B, S] or [S]: the index of each token in the row (cache slot),
+    which orders tokens causally regardless of the RoPE positions. For inspection and tests: the model never
+    builds it (the dense attention does, internally; the efficient implementations never do).
     """
+    kv_slots = jnp.broadcast_to(kv_slots, kv_segment_ids.shape)
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     real = (q_segment_ids != 0)[:, :, None]
-    causal = kv_slots[None, None, :] <= q_slots[:, :, None]
+    causal = kv_slots[:, None, :] <= q_slots[:, :, None]
     return same & real & causal
+
+
+@dataclasses.dataclass(frozen=True)
+class _CacheView:
+    """What one scanned layer needs of the stacked KV cache: the caches [L, B, S, kv_heads, head_dim], this
+    layer's index, the slot where the new block is written, the keys' segment ids and slots [B, S], and the
+    filled length (end_index after this write: later slots are empty and never visited by `chunked`)."""
+
+    k: Array
+    v: Array
+    layer: Array
+    write_slot: Array
+    segment_ids: Array
+    slots: Array
+    valid_len: Array
 
 
 class Attention(nnx.Module):
@@ -277,46 +354,42 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, pd)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, pd)
 
-    def _project(self, x: Array, kernel: nnx.Param, bias_name: str) -> Array:
+    def _project(self, x: Array, kernel: nnx.Param, bias_name: str, heads_axis: str) -> Array:
         dt = self.config.dtype
         y = jnp.einsum("bth,hnd->btnd", x, kernel[...].astype(dt))
         if self.config.attention_bias:
             y = y + getattr(self, bias_name)[...].astype(dt)
-        return y
+        return constrain(y, ("batch", "length", heads_axis, "head_dim"))
 
-    def __call__(self, x: Array, sin: Array, cos: Array, mask: Array,
-                 cache_kv: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
-        """x [B, T, embed], sin/cos [B, T, head_dim/2], mask [B, T, S] bool.
+    def __call__(self, x: Array, sin: Array, cos: Array, segment_ids: Array, slots: Array,
+                 cache: _CacheView | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+        """x [B, T, embed], sin/cos [B, T, head_dim/2], segment_ids / slots [B, T] of these tokens.
 
-        Without a cache S == T and the keys are this block's. With `cache_kv = (k_cache, v_cache, write_slot)`
-        (caches [B, S, kv_heads, head_dim], write_slot a scalar) the new keys/values are written at slots
-        [write_slot, write_slot + T) and the queries attend the whole cache. Returns ([B, T, embed], new k/v).
+        Without a cache the keys are this block's own. With `cache` the new keys/values are written into this
+        layer's cache at slots [write_slot, write_slot + T) and the queries attend the whole cache.
+        Returns ([B, T, embed], the updated stacked (k, v) caches or None).
         """
         c, dt = self.config, self.config.dtype
-        q = self._project(x, self.q_kernel, "q_bias")
-        k = self._project(x, self.k_kernel, "k_bias")
-        v = self._project(x, self.v_kernel, "v_bias")
+        q = self._project(x, self.q_kernel, "q_bias", "q_heads")
+        k = self._project(x, self.k_kernel, "k_bias", "kv_heads")
+        v = self._project(x, self.v_kernel, "v_bias", "kv_heads")
         if c.qk_norm:
             q, k = self.q_norm(q, dt), self.k_norm(k, dt)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         new_cache = None
-        if cache_kv is not None:
-            k_cache, v_cache, slot = cache_kv
+        kv_segment_ids, kv_slots, kv_valid_len = segment_ids, slots, None
+        if cache is not None:
             zero = jnp.zeros((), jnp.int32)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (zero, slot, zero, zero))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (zero, slot, zero, zero))
-            new_cache = (k, v)
-            k, v = k.astype(dt), v.astype(dt)
-        b, t = q.shape[:2]
-        q = q.reshape(b, t, c.num_kv_heads, c.num_groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (c.head_dim ** -0.5)
-        m = mask[:, None, None, :, :]
-        # A finite fill keeps a fully masked row (a pad query) finite; zeroing its weights afterwards makes the
-        # pad's output exactly 0, so nothing from it can leak anywhere.
-        scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
-        weights = jnp.where(m, jax.nn.softmax(scores, axis=-1), 0.0).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, c.num_heads, c.head_dim)
+            at = (cache.layer, zero, cache.write_slot, zero, zero)
+            k_all = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
+            new_cache = (k_all, v_all)
+            k = jax.lax.dynamic_index_in_dim(k_all, cache.layer, 0, keepdims=False).astype(dt)
+            v = jax.lax.dynamic_index_in_dim(v_all, cache.layer, 0, keepdims=False).astype(dt)
+            kv_segment_ids, kv_slots, kv_valid_len = cache.segment_ids, cache.slots, cache.valid_len
+        out = attention_lib.attention(q, k, v, segment_ids, kv_segment_ids, slots, kv_slots,
+                                      implementation=c.attention, kv_valid_len=kv_valid_len, mesh=current_mesh())
+        out = checkpoint_name(constrain(out, ("batch", "length", "q_heads", "head_dim")), ATTENTION_OUT)
         y = jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(dt))
         if c.attention_out_bias:
             y = y + self.o_bias[...].astype(dt)
@@ -337,7 +410,8 @@ class MLP(nnx.Module):
         dt = self.dtype
         gate = x @ self.gate_kernel[...].astype(dt)
         up = x @ self.up_kernel[...].astype(dt)
-        return (jax.nn.silu(gate) * up) @ self.down_kernel[...].astype(dt)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return hidden @ self.down_kernel[...].astype(dt)
 
 
 class DecoderLayer(nnx.Module):
@@ -350,16 +424,37 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.param_dtype)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x: Array, sin: Array, cos: Array, mask: Array,
-                 cache_kv: tuple[Array, Array, Array] | None = None):
-        """x [B, T, embed] -> ([B, T, embed], new k/v cache or None); see `Attention`."""
-        attn_out, new_cache = self.attn(self.input_norm(x, self.dtype), sin, cos, mask, cache_kv)
+    def __call__(self, x: Array, sin: Array, cos: Array, segment_ids: Array, slots: Array,
+                 cache: _CacheView | None = None):
+        """x [B, T, embed] -> ([B, T, embed], updated stacked k/v caches or None); see `Attention`."""
+        attn_out, new_cache = self.attn(self.input_norm(x, self.dtype), sin, cos, segment_ids, slots, cache)
         h = x + attn_out
-        return h + self.mlp(self.post_attn_norm(h, self.dtype)), new_cache
+        out = h + self.mlp(self.post_attn_norm(h, self.dtype))
+        return constrain(out, ("batch", "length", "act_embed")), new_cache
 
 
-def _layer_forward(layer: DecoderLayer, x: Array, sin: Array, cos: Array, mask: Array) -> Array:
-    return layer(x, sin, cos, mask)[0]
+def _stack(values: list[Array]) -> Array:
+    """Stack along a new leading axis: on the host when the values are concrete (eager init compiles nothing
+    per shape), with jnp under a trace (`abstract_model`, `born_sharded`'s jitted init)."""
+    if any(isinstance(v, jax.core.Tracer) for v in values):
+        return jnp.stack(values)
+    return jnp.asarray(np.stack([np.asarray(v) for v in values]))
+
+
+def stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """`config.num_layers` DecoderLayers as one module whose every parameter has a leading layer axis
+    (logical name "layers"). Layers are initialized one after the other from `rngs`, exactly as separate
+    modules would be, then stacked, so a seed gives the same weights as it did before layers were stacked."""
+    layers = [DecoderLayer(config, rngs) for _ in range(config.num_layers)]
+    graphdef, first = nnx.split(layers[0])
+    states = [nnx.state(layer) for layer in layers[1:]]
+
+    def stack(var, *others):
+        return var.copy(_stack([var.get_value()] + [o.get_value() for o in others]),
+                        out_sharding=("layers",) + tuple(var.get_metadata()["out_sharding"]))
+
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return nnx.merge(graphdef, jax.tree.map(stack, first, *states, is_leaf=is_var))
 
 
 # --------------------------------------------------------------------------------------------- KV cache
@@ -370,14 +465,14 @@ def _layer_forward(layer: DecoderLayer, x: Array, sin: Array, cos: Array, mask: 
 class KVCache:
     """Fixed-size decoding cache, a plain pytree (donate it to the jitted prefill/decode step).
 
-    k, v: one array per layer, each [B, max_len, kv_heads, head_dim]; segment_ids [B, max_len] int32 (1 where a
-    real token was written, 0 for empty slots and pads, which are never attended); lengths [B] int32, the real
-    tokens per row; end_index [] int32, the next slot to write (the same for every row: slots are aligned
-    across the batch, so left-padded prompts keep their pads at the front, masked).
+    k, v: every layer's keys/values stacked, [layers, B, max_len, kv_heads, head_dim]; segment_ids [B, max_len]
+    int32 (1 where a real token was written, 0 for empty slots and pads, which are never attended); lengths [B]
+    int32, the real tokens per row; end_index [] int32, the next slot to write (the same for every row: slots
+    are aligned across the batch, so left-padded prompts keep their pads at the front, masked).
     """
 
-    k: tuple[Array, ...]
-    v: tuple[Array, ...]
+    k: Array
+    v: Array
     segment_ids: Array
     lengths: Array
     end_index: Array
@@ -390,9 +485,8 @@ class KVCache:
     def init(cls, config: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> "KVCache":
         """An empty cache; dtype defaults to the model's compute dtype."""
         dtype = dtype or config.dtype
-        shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
                    lengths=jnp.zeros((batch_size,), jnp.int32), end_index=jnp.zeros((), jnp.int32))
 
@@ -401,17 +495,17 @@ class KVCache:
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. Parameter tree:
+    """Decoder-only LM. Parameter tree (L = num_layers, every `layers` parameter stacked on a leading axis):
 
-    embed [vocab, embed]; layers[i].{input_norm, attn.{q,k,v,o}_kernel (+ biases, q_norm, k_norm),
-    post_attn_norm, mlp.{gate,up,down}_kernel}; final_norm; lm_head [embed, vocab] unless tied.
+    embed [vocab, embed]; layers.{input_norm.scale [L, embed], attn.{q,k,v,o}_kernel [L, ...] (+ biases, q_norm,
+    k_norm), post_attn_norm, mlp.{gate,up,down}_kernel [L, ...]}; final_norm; lm_head [embed, vocab] unless tied.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = config
         self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), c.param_dtype)
-        self.layers = nnx.List([DecoderLayer(c, rngs) for _ in range(c.num_layers)])
+        self.layers = stacked_layers(c, rngs)
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), c.param_dtype)
@@ -428,26 +522,39 @@ class Transformer(nnx.Module):
         return jnp.matmul(hidden.astype(dt), self.unembedding().astype(dt), preferred_element_type=jnp.float32)
 
     def _embed(self, tokens: Array) -> Array:
-        return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
+        # The table's embed dimension is gathered (FSDP) before the lookup, so the gathered rows come out
+        # batch-sharded like the tokens instead of sharded over embed (which XLA would have to undo by a full
+        # rematerialization of the lookup).
+        table = constrain(self.embed[...].astype(self.config.dtype), ("vocab", "act_embed"))
+        return constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed"))
+
+    def _run_layers(self, x: Array, sin: Array, cos: Array, segment_ids: Array, slots: Array) -> Array:
+        """The stacked layers over x [B, T, embed] with `jax.lax.scan`, the body rematerialized per
+        `config.remat`."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, sin, cos, segment_ids, slots)[0], None
+
+        policy = self.config.remat
+        if policy != "none":
+            body = jax.checkpoint(body, policy=_checkpoint_policy(policy), prevent_cse=False)
+        return jax.lax.scan(body, x, state, unroll=self.config.scan_unroll)[0]
 
     def __call__(self, tokens: Array, positions: Array, attention_mask: Array, *,
                  return_hidden: bool = False) -> Array:
         """Full forward without a cache.
 
-        tokens [B, T] int32, positions [B, T] int32 (RoPE positions, e.g. cumsum(mask) - 1), attention_mask
-        [B, T] (1 real, 0 pad; positive segment ids for packed rows). Returns logits [B, T, V] float32, or with
+        tokens [B, T] int32, positions [B, T] int32 (RoPE positions, e.g. cumsum(mask) - 1; per segment in
+        packed rows), attention_mask [B, T] segment ids (0 pad; 1 real, or several positive ids for the packed
+        sequences of a row, which never attend each other). Returns logits [B, T, V] float32, or with
         `return_hidden` the final normed hidden states [B, T, H] in the compute dtype (logits = hidden @
         `unembedding()`). Pad rows give finite values that callers must mask out.
         """
         segment_ids = attention_mask.astype(jnp.int32)
-        t = tokens.shape[1]
-        slots = jnp.arange(t, dtype=jnp.int32)
-        mask = attention_mask_from_segments(segment_ids, jnp.broadcast_to(slots, tokens.shape), segment_ids, slots)
+        slots = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         sin, cos = rope_sin_cos(positions, rope_inverse_frequencies(self.config))
-        layer_fn = nnx.remat(_layer_forward) if self.config.remat else _layer_forward
-        x = self._embed(tokens)
-        for layer in self.layers:
-            x = layer_fn(layer, x, sin, cos, mask)
+        x = self._run_layers(self._embed(tokens), sin, cos, segment_ids, slots)
         hidden = self.final_norm(x, self.config.dtype)
         return hidden if return_hidden else self.logits_from_hidden(hidden)
 
@@ -459,17 +566,23 @@ class Transformer(nnx.Module):
         cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (jnp.zeros((), jnp.int32),
                                                                                         start))
         q_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask = attention_mask_from_segments(segment_ids, q_slots, cache_segments,
-                                            jnp.arange(cache.max_len, dtype=jnp.int32))
+        kv_slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
         sin, cos = rope_sin_cos(positions, rope_inverse_frequencies(self.config))
-        x = self._embed(tokens)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, sin, cos, mask, (cache.k[i], cache.v[i], start))
-            new_k.append(k)
-            new_v.append(v)
+        graphdef, state = nnx.split(self.layers)
+
+        # The whole stacked cache rides in the scan's carry and each layer updates its own slice in place
+        # (dynamic_update_slice), so no per-layer copies of the cache are stacked up.
+        def body(carry, xs):
+            h, k_all, v_all = carry
+            layer_state, index = xs
+            view = _CacheView(k_all, v_all, index, start, cache_segments, kv_slots, start + t)
+            h, (k_all, v_all) = nnx.merge(graphdef, layer_state)(h, sin, cos, segment_ids, q_slots, view)
+            return (h, k_all, v_all), None
+
+        layer_index = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (x, k, v), _ = jax.lax.scan(body, (self._embed(tokens), cache.k, cache.v), (state, layer_index))
         hidden = self.final_norm(x, self.config.dtype)
-        new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=cache_segments,
+        new_cache = KVCache(k=k, v=v, segment_ids=cache_segments,
                             lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
                             end_index=start + t)
         return hidden, new_cache

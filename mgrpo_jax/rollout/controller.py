@@ -239,6 +239,11 @@ class _Episode:
         self.traj.loss_mask += [1] * len(sample.tokens)
         self.traj.logprobs += [float(x) for x in sample.logprobs]
         self.traj.turns.append((start, len(self.traj.tokens)))
+        # A served sample (train/service.py) names the policy version that generated it: the record is as old as
+        # its oldest turn, whatever version the client had seen when the episode began.
+        served = getattr(sample, "policy_version", None)
+        if served is not None:
+            self.traj.policy_version = served if self.turns == 0 else min(self.traj.policy_version, served)
         self.turns += 1
 
     def add_observation(self, ids: list[int], truncated: bool) -> None:

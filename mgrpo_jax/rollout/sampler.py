@@ -6,9 +6,10 @@ rows), prompts are left-padded to the smallest of a few static `prompt_buckets`,
 longer than the largest bucket is left-truncated or rejected, per `overflow`, never given a new shape.
 
 Log-probs are returned under the exact distribution sampled from: softmax(logits / temperature), restricted
-to the top-k / top-p set when those are on; greedy decoding (temperature 0) picks each token with probability
-1, so its log-probs are 0 and it skips the softmax and the random keys altogether. With top-k and top-p off (the RL default), they equal what the
-trainer recomputes with `token_logprobs(..., temperature=temperature)` (LESSONS.md, item 8).
+to the top-k / top-p set when those are on (`mgrpo_jax.kernels.filter_logits`, the one definition); greedy
+decoding (temperature 0) picks each token with probability 1, so its log-probs are 0 and it skips the softmax
+and the random keys altogether. They equal what the trainer recomputes with `token_logprobs` /
+`chunked_token_logprobs(..., temperature=, top_k=, top_p=)` given the same three values (LESSONS.md, item 8).
 
 Weights are arguments: pass the trainer's current parameters (`nnx.State`) and nothing is copied.
 """
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mgrpo_jax.kernels import filter_logits
 from mgrpo_jax.models.transformer import KVCache, ModelConfig, positions_from_mask
 
 OVERFLOW_MODES = ("left_truncate", "error")
@@ -79,24 +81,6 @@ class Sample:
     logprobs: np.ndarray
     finish_reason: str
     prompt_truncated: int = 0
-
-
-def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Tempered logits [B, V] float32 with everything outside the top-k / top-p set at -inf."""
-    z = logits.astype(jnp.float32) / max(temperature, 1e-6)
-    neg_inf = jnp.finfo(jnp.float32).min
-    if top_k:
-        kth = jax.lax.top_k(z, top_k)[0][:, -1:]
-        z = jnp.where(z < kth, neg_inf, z)
-    if top_p < 1.0:
-        order = jnp.argsort(-z, axis=-1)
-        sorted_z = jnp.take_along_axis(z, order, axis=-1)
-        probs = jax.nn.softmax(sorted_z, axis=-1)
-        # Keep a token when the mass strictly before it is < top_p: the smallest set reaching top_p, >= 1 token.
-        keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(z.shape[0])[:, None], order].set(keep_sorted)
-        z = jnp.where(keep, z, neg_inf)
-    return z
 
 
 def stop_table(stop_sequences: Sequence[Sequence[int]], config: SamplerConfig) -> np.ndarray:

@@ -34,7 +34,8 @@ from flax import nnx
 
 from mgrpo_jax.kernels import AGG_MODES, KL_KINDS, aggregate_denominator, aggregate_loss, chunked_token_logprobs, \
     policy_loss
-from mgrpo_jax.sharding import DEFAULT_RULES, batch_sharding, born_sharded_opt_state, data_parallel_size, put_batch
+from mgrpo_jax.sharding import DEFAULT_RULES, batch_sharding, born_sharded_opt_state, data_parallel_size, put_batch, \
+    with_mesh
 from mgrpo_jax.train.batch import PackedBatch, Segment, pack
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -94,7 +95,9 @@ class LossConfig:
       total = sum_b w_b sum_t m_bt (-log p_bt), denominator = sum_b w_b sum_t m_bt. It reads no advantages or
       behaviour log-probs, so the clip, `agg` and `max_len_norm` settings do not apply to it; the KL,
       entropy and TIS terms are errors with it rather than silently dropped.
-    temperature: the sampler's; log-probs are recomputed under the same tempered distribution.
+    temperature, top_k, top_p: the sampler's; log-probs are recomputed under the same tempered, filtered
+      distribution (the top-k / top-p set is a function of the logits, so the trainer recomputes it exactly; a
+      sampled token outside the trainer's set, possible only off-policy, is left out of the loss and counted).
     ppo_epochs: mu, passes over the batch per update (each pass is one optimizer step on the whole batch).
     micro_batch_size: packed rows per micro-batch (a multiple of the mesh's data-parallel size).
     pack_len: tokens per packed row; 0 = the agent's context limit (the experiment resolves it), so that every
@@ -118,6 +121,8 @@ class LossConfig:
     kl_clamp: float | None = 10.0
     entropy_coef: float = 0.0
     temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
     chunk_size: int = 1024
     ppo_epochs: int = 1
     micro_batch_size: int = 8
@@ -142,6 +147,9 @@ class LossConfig:
             raise ValueError(f"loss.pack_len must be 0 (the agent's context limit) or >= 2, got {self.pack_len}")
         if not self.temperature > 0:
             raise ValueError(f"loss.temperature must be > 0 (the sampler's temperature), got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"loss needs top_k >= 0 (0 = off) and 0 < top_p <= 1 (the sampler's), got "
+                             f"{self.top_k}, {self.top_p}")
         if self.tis_cap is not None and not self.tis_cap >= 1:
             raise ValueError(f"loss.tis_cap must be >= 1 or None, got {self.tis_cap}")
 
@@ -152,7 +160,7 @@ def sequence_logprobs(model, batch, cfg: LossConfig):
     hidden = model(batch["tokens"][:, :-1], batch["positions"][:, :-1], batch["segment_ids"][:, :-1],
                    return_hidden=True)
     return chunked_token_logprobs(hidden, model.unembedding(), batch["tokens"][:, 1:], chunk_size=cfg.chunk_size,
-                                  temperature=cfg.temperature, return_entropy=True)
+                                  temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, return_entropy=True)
 
 
 def _targets(batch, name: str):
@@ -165,6 +173,10 @@ def batch_loss(model, batch, cfg: LossConfig):
     logp, entropy = sequence_logprobs(model, batch, cfg)
     mask = _targets(batch, "loss_mask")
     segments, weights = _targets(batch, "segment_ids"), _targets(batch, "weights")
+    outside = None
+    if cfg.top_k or cfg.top_p < 1:  # a token outside the filtered set has log-prob ~finfo.min: no signal, no loss
+        outside = (mask > 0) & (logp < -1e30)
+        mask = jnp.where(outside, 0, mask)
     if cfg.objective == "sft":
         return _sft_loss(logp, entropy, mask, weights, segments)
     behaviour = _targets(batch, "old_logp")
@@ -182,6 +194,8 @@ def batch_loss(model, batch, cfg: LossConfig):
     m = mask.astype(jnp.float32)
     n = jnp.maximum(jnp.sum(m), 1.0)
     metrics["logprob_gap"] = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp) - behaviour) * m) / n
+    if outside is not None:
+        metrics["outside_filter_frac"] = jnp.sum(outside) / jnp.maximum(jnp.sum(outside) + jnp.sum(m), 1.0)
     return total, denom, metrics
 
 
@@ -311,6 +325,9 @@ class AgentTrainer:
             raise ValueError(f"{name}: loss.micro_batch_size={loss.micro_batch_size} rows do not split over the "
                              f"mesh's {data_shards} data-parallel shards; make it a multiple of {data_shards}")
         programs = build_update_programs(graphdef, self.tx, loss)
+        # Traced under the mesh: the model's activation constraints and mesh-aware attention (splash) apply.
+        programs = UpdatePrograms(**{f.name: with_mesh(getattr(programs, f.name), mesh)
+                                     for f in dataclasses.fields(programs)})
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         grad_shardings = param_shardings
         acc_shardings = {"grads": grad_shardings, "total": replicated, "denominator": replicated,
@@ -327,8 +344,11 @@ class AgentTrainer:
         self._zero_acc = jax.jit(programs.zero_acc, in_shardings=(param_shardings, self.batch_sharding),
                                  out_shardings=acc_shardings)
         self.version = 0
-        self.skipped_steps = 0
-        self.skipped_empty = 0
+        self.skipped_steps = 0  # optimizer steps refused for a non-finite gradient
+        self.skipped_empty = 0  # updates not dispatched: no token carried any loss
+
+    # Counters that a checkpoint carries (checkpoint.agent_state_of), so a resumed run reports what it would have.
+    RESUMED_COUNTERS = ("skipped_steps", "skipped_empty")
 
     @property
     def compile_count(self) -> int:

@@ -23,10 +23,11 @@ the queue after `claim_timeout_s`. Each checkpoint also lists the groups it cont
 job restarted from it acks those groups when they come back instead of training on them again (a crash between
 the save and the ack). So every group is trained into the committed model once and acked once.
 
-Versions: the service serves each update's weights at once (before that update is committed), and records carry
-the version the service reported. After a sub-job crash the restored version can be lower than that of records
-sampled by the lost updates; those count as fresh (staleness <= 0) and truncated importance sampling corrects
-their behaviour log-probs like any other's.
+Versions: the service serves each update's weights at once (before that update is committed), and each record
+carries the version the service returned with its generation (the oldest of its turns), so a sub job that rolled
+back to its checkpoint labels what it generates with the restored version. After such a crash the restored
+version can be lower than that of records sampled by the lost updates; those count as fresh (staleness <= 0) and
+truncated importance sampling corrects their behaviour log-probs like any other's.
 
 Workdirs: each role writes under `<workdir>/<role>` (its own checkpoints and metrics); with no
 `decoupled.store_url` both use `sqlite:///<workdir>/store.db`, so two jobs on one host share a workdir. Across
@@ -42,16 +43,18 @@ import threading
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from mgrpo_jax import checkpoint as ckpt_lib
 from mgrpo_jax.experiment import build_experiment, make
 from mgrpo_jax.metrics import MetricsWriter
+from mgrpo_jax.rollout.controller import GenerationUnavailableError
 from mgrpo_jax.sharding import initialize_distributed
 from mgrpo_jax.train.alignment import AlignmentConfig
 from mgrpo_jax.train.batch import Segment
 from mgrpo_jax.train.mgrpo import aligned_sub_segments
-from mgrpo_jax.train.service import GenerationService, RemoteSubPolicy, ServiceUnavailableError, tokenizer_fingerprint
+from mgrpo_jax.train.service import GenerationService, RemoteSubPolicy
 from mgrpo_jax.train.store import (Claim, QueryGroup, StoreUnavailableError, TrajectoryStore, groups_from_rollouts,
                                    min_version_for, open_store)
 
@@ -134,17 +137,15 @@ def run_main(config, workdir: str, *, stop_after: int | None = None) -> dict[str
     remote = RemoteSubPolicy(settings.url, max_new_tokens=int(sub_sampler.max_new_tokens),
                              max_prompt_tokens=int(sub_sampler.prompt_buckets[-1]),
                              deadline_s=settings.service_timeout_s, request_timeout_s=settings.request_timeout_s)
-    initialize_distributed(config.get("distributed", None))
+    _initialize_single_process(config)
     exp = build_experiment(config, role_dir, role="main", sub_policy=remote)
-    mine = tokenizer_fingerprint(exp.tokenizer)
+    # Every answer of the service is checked against this tokenizer (ids in its vocabulary, the same vocabulary
+    # fingerprint), so a sub job that comes up later with another tokenizer stops this job at its first answer.
+    remote.expect_tokenizer(exp.tokenizer)
     try:
-        health = remote.health()
-        if health.get("tokenizer_fingerprint", mine) != mine:
-            raise ValueError(f"the sub job at {settings.url} tokenizes differently (vocabulary fingerprint "
-                             f"{health['tokenizer_fingerprint']} vs {mine}): token ids cross between the jobs, so "
-                             "both must use the same tokenizer (same config.tokenizer / task settings)")
+        remote.health()
         logger.info("sub-agent service %s is up (policy version %d)", settings.url, remote.version)
-    except ServiceUnavailableError as err:
+    except GenerationUnavailableError as err:  # down, or answering garbage: each generation call retries
         logger.warning("%s; rollouts go on, their delegations fail until the service is up", err)
     store = open_store(settings.store(workdir))
     rewards = exp.loop.config.rewards
@@ -153,9 +154,10 @@ def run_main(config, workdir: str, *, stop_after: int | None = None) -> dict[str
         rollouts, k_n = result.rollouts, result.main_rewards.shape[1]
         correct = np.array([[rewards.correctness(t.final if t.format_ok else None, golds[q])
                              for t in rollouts.main[q * k_n:(q + 1) * k_n]] for q in range(len(golds))])
-        version = min([t.policy_version for t in rollouts.sub], default=remote.version)
+        # Each record carries the version that generated it (ServedSample -> Trajectory.policy_version); the
+        # version passed here only labels groups without records.
         groups = groups_from_rollouts(store.namespace, step, rollouts, result.sub_rewards, result.main_rewards,
-                                      correct, version)
+                                      correct, remote.version)
         written = [store.write(g) for g in groups]
         waited = _wait_for_backlog(store, settings)
         # A step redone after a restart finds its groups already written (the store keeps the first attempt's):
@@ -261,10 +263,10 @@ def sub_batch(groups: list[QueryGroup], s: _SubSettings, step: int) -> tuple[lis
             traj.query = q  # position in this batch (the record keeps the main job's ids)
             trajectories.append(traj)
             rewards.append(record.reward)
-    # Only the sub advantages are used; the main agent's rewards do not enter them (per-agent normalization).
-    _, segments, metrics = aligned_sub_segments(counts, trajectories, rewards, np.zeros(counts.shape, np.float32),
-                                                s.d_max, s.alignment, s.sub_group, s.adv_opts,
-                                                np.random.default_rng([s.seed, step]))
+    # An outage (a failed generation, a dead tool in this record's rollout) is not the agents' doing: no signal.
+    excluded = np.array([t.infra_failures > 0 or t.finish_reason == "generation_failed" for t in trajectories], bool)
+    segments, metrics = aligned_sub_segments(counts, trajectories, rewards, s.d_max, s.alignment, s.sub_group,
+                                             s.adv_opts, np.random.default_rng([s.seed, step]), excluded=excluded)
     metrics["sub/reward_mean"] = float(np.mean(rewards)) if rewards else 0.0
     metrics["sub/calls_per_rollout"] = float(counts.mean())
     return segments, metrics
@@ -278,12 +280,24 @@ def _sub_settings(config) -> _SubSettings:
                         int(config.seed))
 
 
+def _initialize_single_process(config) -> None:
+    """The decoupled jobs are single-process each: the sub job's HTTP service runs the sampler on whichever
+    thread got the request, which other processes of a multi-controller job would never enter (the program
+    would hang); the main job's rollouts likewise talk to one service. Refuse a multi-process job up front."""
+    initialize_distributed(config.get("distributed", None))
+    if jax.process_count() > 1:
+        raise ValueError(f"the decoupled roles (--role main|sub) run as single-process jobs, but this job has "
+                         f"{jax.process_count()} processes: a generation service on one host cannot drive the "
+                         "other hosts' devices. Run each role on one host (its local devices), or train both agents "
+                         "in one multi-host job (--role all) with meshes that span every process.")
+
+
 def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str, float]:
     """The sub-agent's job: serve generations, and train on claimed query groups until config.total_steps
     updates (or `stop_after` more), SIGTERM, or `decoupled.idle_exit_s` without new groups."""
     settings = decoupled_config(config)
     role_dir = os.path.join(workdir, "sub")
-    initialize_distributed(config.get("distributed", None))
+    _initialize_single_process(config)
     exp = build_experiment(config, role_dir, role="sub")
     agent = exp.agents["sub"]
     trainer = agent.trainer
@@ -312,8 +326,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
     service = GenerationService(agent.policy.sampler, trainer.params, trainer.version, host=settings.service_host,
                                 port=settings.service_port, batch_window_s=settings.batch_window_s,
                                 request_timeout_s=settings.service_timeout_s,
-                                info={"role": "sub", "vocab_size": len(exp.tokenizer),
-                                      "tokenizer_fingerprint": tokenizer_fingerprint(exp.tokenizer)}).start()
+                                info={"role": "sub"}, tokenizer=exp.tokenizer).start()
     store = open_store(settings.store(workdir))
     keeper = _LeaseKeeper(store, settings.claim_timeout_s)
     consumer = f"sub-{socket.gethostname()}-{os.getpid()}"
@@ -341,6 +354,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
             claim = store.claim(s.num_queries - len(groups), consumer, visibility_timeout_s=settings.claim_timeout_s,
                                 min_policy_version=min_version_for(trainer.version, settings.max_staleness))
             if not claim.groups:
+                service.check()
                 if settings.idle_exit_s and time.monotonic() - last_new > settings.idle_exit_s:
                     logger.warning("no new query group for %.0fs (decoupled.idle_exit_s); stopping",
                                    settings.idle_exit_s)
@@ -366,6 +380,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
     try:
         with ckpt_lib.ShutdownRequest() as stop:
             while step < end and not stop.requested:
+                service.check()  # a dead generation worker stops the job (the main job would only see 503s)
                 t0 = time.perf_counter()
                 groups, claims = gather(stop)
                 if len(groups) < s.num_queries:
@@ -401,6 +416,7 @@ def run_sub(config, workdir: str, *, stop_after: int | None = None) -> dict[str,
                 commit(step)
             # The main job may still be rolling out with this service: serve until it has been idle a while.
             while not stop.requested and time.monotonic() - service.last_request_time < settings.linger_s:
+                service.check()
                 time.sleep(0.2)
     finally:
         keeper.close()

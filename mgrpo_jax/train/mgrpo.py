@@ -17,11 +17,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from mgrpo_jax.kernels import SCALES, SUB_GROUPS, group_relative_advantages, group_statistics, mgrpo_advantages
+from mgrpo_jax.kernels import SCALES, SUB_GROUPS, group_relative_advantages, group_statistics
+from mgrpo_jax.multihost import check_agreement, digest, rollout_digest
 from mgrpo_jax.rollout.controller import Controller, RolloutBatch
 from mgrpo_jax.rollout.rewards import RewardConfig, group_rewards
 from mgrpo_jax.train.agent import AgentTrainer
-from mgrpo_jax.train.alignment import AlignmentConfig, DMaxEstimator, align
+from mgrpo_jax.train.alignment import AlignmentConfig, DMaxEstimator, align_sub_slots
 from mgrpo_jax.train.batch import PackedBatch, Segment, merge_copies
 
 MODES = ("co_train", "main_only", "single_agent", "shared_model")
@@ -118,9 +119,13 @@ class MGRPOTrainer:
             raise ValueError(f"{len(questions)} questions but {len(golds)} gold answers")
         rng = jax.random.fold_in(jax.random.key(cfg.seed), self.step_count)
         timings = {}
+        # Multi-controller runs: every process must hold the same questions, then the same rollouts (a no-op
+        # with one process; see mgrpo_jax.multihost).
+        check_agreement(f"the questions of step {self.step_count}", digest(list(questions), list(golds)))
         t0 = time.perf_counter()
         rollouts = self.controller.run(questions, k_n, rng)
         timings["time/rollout_s"] = time.perf_counter() - t0
+        check_agreement(f"the rollouts' token records of step {self.step_count}", rollout_digest(rollouts))
 
         t0 = time.perf_counter()
         main_r, sub_r, reward_means = compute_rewards(rollouts, golds, k_n, cfg.rewards)
@@ -130,19 +135,24 @@ class MGRPOTrainer:
         adv_opts = dict(scale=cfg.advantage_scale, eps=cfg.advantage_eps, ddof=cfg.advantage_ddof)
         metrics: dict[str, float] = {}
         segments: dict[str, list[Segment]] = {}
+        # Rollouts that an infrastructure failure touched (a dead tool, a failed generation) are no learning signal
+        # for either agent: they leave the statistics and the batches, and are counted.
+        main_ok = np.array([t.infra_failures == 0 for t in rollouts.main], bool).reshape(main_r.shape)
+        metrics["infra/excluded_rollouts"] = float((~main_ok).sum())
         if cfg.has_sub_agent:
             self.d_max.observe(rollouts.sub_counts)
         if cfg.has_sub_agent and self.d_max.frozen:
-            adv_main, segments["sub"], sub_metrics = aligned_sub_segments(
-                rollouts.sub_counts, rollouts.sub, sub_r, main_r, self.d_max.value, cfg.alignment, cfg.sub_group,
-                adv_opts, np.random.default_rng([cfg.seed, self.step_count]))
+            excluded = np.array([t.infra_failures > 0 or not main_ok[t.query, t.rollout] for t in rollouts.sub], bool)
+            segments["sub"], sub_metrics = aligned_sub_segments(
+                rollouts.sub_counts, rollouts.sub, sub_r, self.d_max.value, cfg.alignment, cfg.sub_group, adv_opts,
+                np.random.default_rng([cfg.seed, self.step_count]), excluded=excluded)
             metrics.update(sub_metrics)
-        else:
-            adv_main = np.asarray(group_relative_advantages(main_r, axis=1, **adv_opts))
-            if cfg.mode in ("co_train", "shared_model"):
-                metrics["sub/warmup_skipped"] = 1.0
-        metrics["main/zero_variance_frac"] = _zero_variance_fraction(main_r, None, None)
-        segments["main"] = [Segment(t, a, 1.0) for t, a in zip(rollouts.main, adv_main.reshape(-1))]
+        elif cfg.mode in ("co_train", "shared_model"):
+            metrics["sub/warmup_skipped"] = 1.0
+        adv_main = np.asarray(group_relative_advantages(main_r, main_ok, axis=1, **adv_opts))
+        metrics["main/zero_variance_frac"] = _zero_variance_fraction(main_r, main_ok)
+        segments["main"] = [Segment(t, a, float(ok)) for t, a, ok in
+                            zip(rollouts.main, adv_main.reshape(-1), main_ok.reshape(-1))]
         timings["time/alignment_s"] = time.perf_counter() - t0
 
         batches, update_metrics = self._update(segments, timings)
@@ -183,31 +193,25 @@ class MGRPOTrainer:
         return batches, flat
 
 
-def aligned_sub_segments(counts, sub_trajectories, sub_rewards, main_rewards, d_max: int,
-                         alignment_cfg: AlignmentConfig, sub_group: str, adv_opts: dict, rng: np.random.Generator):
-    """Alignment and per-agent advantages for one batch of Q queries (MGRPO.md): -> (main advantages [Q, K],
-    the sub-agent's segments (copies of one trajectory with one advantage merged), alignment metrics).
+def aligned_sub_segments(counts, sub_trajectories, sub_rewards, d_max: int, alignment_cfg: AlignmentConfig,
+                         sub_group: str, adv_opts: dict, rng: np.random.Generator, *, excluded=None):
+    """Alignment and the sub-agent's own group-relative advantages for one batch of Q queries (MGRPO.md) ->
+    (its segments: copies of one trajectory with one advantage merged, alignment metrics).
 
     counts: [Q, K] d_k; sub_trajectories / sub_rewards: the flat (query, rollout, call)-ordered records and their
-    rewards; main_rewards: [Q, K] (they never enter the sub-agent's statistics: one baseline per agent).
+    rewards; excluded: [N] bool, records that must not become learning signal (infrastructure failures): they
+    take no slot and join no group. The main agent's rewards never enter these statistics (one baseline per agent).
     """
-    alignment = align(counts, d_max, alignment_cfg, rng)
-    valid = alignment.valid
-    sub_r = np.asarray(sub_rewards, np.float32)
-    aligned = np.where(valid, sub_r[np.where(valid, alignment.index, 0)] if len(sub_r) else 0.0, 0.0)
-    adv_main, adv_sub = mgrpo_advantages(main_rewards, aligned, valid, sub_group=sub_group, **adv_opts)
-    slots = zip(alignment.index.reshape(-1), np.asarray(adv_sub).reshape(-1), alignment.weight.reshape(-1))
-    segments = [Segment(sub_trajectories[i], a, w) for i, a, w in merge_copies(slots)]
-    metrics = {f"align/{k}": float(v) for k, v in alignment.stats.items()}
-    metrics["align/d_max"] = float(d_max)
-    metrics["sub/zero_variance_frac"] = _zero_variance_fraction(aligned, valid, sub_group)
-    return np.asarray(adv_main), segments, metrics
+    slots = align_sub_slots(counts, sub_rewards, d_max, alignment_cfg, rng, sub_group=sub_group, excluded=excluded,
+                            **adv_opts)
+    flat = zip(slots.alignment.index.reshape(-1), slots.advantages.reshape(-1), slots.weight.reshape(-1))
+    return [Segment(sub_trajectories[i], a, w) for i, a, w in merge_copies(flat)], slots.metrics
 
 
-def _zero_variance_fraction(rewards, mask, sub_group) -> float:
-    """Fraction of non-empty groups whose rewards are all equal (advantage 0: no learning signal)."""
-    axis = {None: 1, "per_query": (1, 2), "per_rollout": 2, "per_call_index": 1}[sub_group]
-    stats = group_statistics(rewards, mask, axis=axis)
+def _zero_variance_fraction(rewards, mask) -> float:
+    """Fraction of a [Q, K] reward array's non-empty groups (queries) whose valid rewards are all equal
+    (advantage 0: no learning signal)."""
+    stats = group_statistics(rewards, mask, axis=1)
     nonempty = np.asarray(stats.count) > 0
     return float(np.asarray(stats.zero_variance)[nonempty].mean()) if nonempty.any() else 0.0
 

@@ -77,6 +77,8 @@ class SubRecord:
     log-probs (0 where loss_mask is 0). turns: [start, end) of each sampled span.
     Rewards (MGRPO.md, "Rewards"): reward = R_S^(k,i); main_reward = R_M^(k); main_correct = c_k (the shared
     fate term's input); judge_score (0 without a judge); format_ok (False -> R_S = 0).
+    infra_failures: infrastructure failures (dead tools, failed generations) that touched this record's rollout;
+    such a record is no learning signal and the sub job leaves it out of its statistics and batch.
     """
 
     step: int
@@ -95,10 +97,11 @@ class SubRecord:
     judge_score: float = 0.0
     finish_reason: str = ""
     turns: tuple[tuple[int, int], ...] = ()
+    infra_failures: int = 0
 
     def __post_init__(self):
         # Plain Python scalars (numpy ints/floats would not serialize, and equality stays simple).
-        for f in ("step", "query", "rollout", "call", "policy_version", "prompt_len"):
+        for f in ("step", "query", "rollout", "call", "policy_version", "prompt_len", "infra_failures"):
             setattr(self, f, int(getattr(self, f)))
         for f in ("reward", "main_reward", "main_correct", "judge_score"):
             setattr(self, f, float(getattr(self, f)))
@@ -141,23 +144,25 @@ class SubRecord:
 
     @classmethod
     def from_trajectory(cls, traj, *, step: int, reward: float, main_reward: float, main_correct: float,
-                        judge_score: float = 0.0) -> SubRecord:
-        """From a `rollout.controller.Trajectory` of the sub-agent (its ids, tokens and version carry over)."""
+                        judge_score: float = 0.0, rollout_infra_failures: int = 0) -> SubRecord:
+        """From a `rollout.controller.Trajectory` of the sub-agent (its ids, tokens and version carry over);
+        `rollout_infra_failures`: those of its rollout (the main trajectory's count, which includes its subs')."""
         if traj.agent != "sub":
             raise ValueError(f"only sub-agent trajectories go to the store, got agent={traj.agent!r}")
         return cls(step=step, query=traj.query, rollout=traj.rollout, call=traj.call,
                    policy_version=traj.policy_version, prompt_len=traj.prompt_len, tokens=traj.tokens,
                    loss_mask=traj.loss_mask, logprobs=traj.logprobs, reward=float(reward),
                    main_reward=float(main_reward), main_correct=float(main_correct), format_ok=traj.format_ok,
-                   judge_score=float(judge_score), finish_reason=traj.finish_reason, turns=tuple(traj.turns))
+                   judge_score=float(judge_score), finish_reason=traj.finish_reason, turns=tuple(traj.turns),
+                   infra_failures=max(int(traj.infra_failures), int(rollout_infra_failures)))
 
     def to_trajectory(self):
-        """A `Trajectory` (agent "sub") for `train.batch.build_batch`; text fields (final, error) are not stored."""
+        """A `Trajectory` (agent "sub") for `train.batch.pack`; text fields (final, error) are not stored."""
         from mgrpo_jax.rollout.controller import Trajectory  # lazy: the controller imports jax
 
         return Trajectory("sub", self.query, self.rollout, self.call, self.prompt_len, self.tokens.tolist(),
                           self.loss_mask.tolist(), self.logprobs.tolist(), list(self.turns), None,
-                          self.finish_reason, None, self.policy_version)
+                          self.finish_reason, None, self.policy_version, infra_failures=self.infra_failures)
 
 
 @dataclasses.dataclass(eq=False)
@@ -242,9 +247,11 @@ def groups_from_rollouts(run: str, step: int, rollouts, sub_rewards: np.ndarray,
     per_query: list[list[SubRecord]] = [[] for _ in range(q_n)]
     for traj, reward in zip(rollouts.sub, sub_rewards):
         q, k = traj.query, traj.rollout
+        main = rollouts.main[q * k_n + k]
         per_query[q].append(SubRecord.from_trajectory(traj, step=step, reward=float(reward),
                                                       main_reward=float(main_rewards[q, k]),
-                                                      main_correct=float(correct[q, k])))
+                                                      main_correct=float(correct[q, k]),
+                                                      rollout_infra_failures=main.infra_failures))
     groups = [QueryGroup.from_records(run, step, q, k_n, recs, sub_policy_version) for q, recs in enumerate(per_query)]
     for q, g in enumerate(groups):
         if not np.array_equal(g.sub_counts, counts[q]):
@@ -258,7 +265,7 @@ def groups_from_rollouts(run: str, step: int, rollouts, sub_rewards: np.ndarray,
 # go through JSON, whose float repr round-trips a Python float exactly.
 _MAGIC = b"MGS1"
 _SCALAR_FIELDS = ("rollout", "call", "policy_version", "prompt_len", "reward", "main_reward", "main_correct",
-                  "format_ok", "judge_score", "finish_reason", "turns")
+                  "format_ok", "judge_score", "finish_reason", "turns", "infra_failures")
 
 
 def encode_group(group: QueryGroup) -> bytes:
@@ -292,7 +299,7 @@ def decode_group(blob: bytes) -> QueryGroup:
     bounds = np.cumsum([0] + lens)
     records = []
     for r, a, b in zip(header["records"], bounds[:-1], bounds[1:]):
-        scalars = {f: r[f] for f in _SCALAR_FIELDS}
+        scalars = {f: r[f] for f in _SCALAR_FIELDS if f in r}  # fields added later keep their defaults
         records.append(SubRecord(step=header["step"], query=header["query"], tokens=tokens[a:b],
                                  loss_mask=masks[a:b], logprobs=logprobs[a:b], **scalars))
     return QueryGroup(header["run"], header["step"], header["query"], header["sub_counts"], records,

@@ -1,0 +1,351 @@
+"""Will the train step fit the hardware? Compile-only memory and compile-time figures at real model sizes.
+
+    python bench/scale.py                                  # everything below, Qwen3-0.6B and Qwen3-8B
+    python bench/scale.py --sections memory --models configs/models/qwen3_0p6b.json --seq 8192 --remat full
+    python bench/scale.py --sections depth --depths 2 36
+    python bench/scale.py --sections presets
+
+Nothing is materialized: parameters, optimizer state and batches are `jax.ShapeDtypeStruct`s carrying their
+shardings, and every figure comes from `jax.jit(step).lower(abstract args).compile()` on fake CPU devices
+(`--xla_force_host_platform_device_count`, set before jax is imported). Models come from Hugging Face
+config.json values (`configs/models/*.json`), so no weights are needed.
+
+Sections:
+- memory: per device, the bytes of the parameters, the AdamW state (mu, nu) and the float32 gradient
+  accumulator of `train.agent.AgentTrainer` (from shapes and shardings), and the temp memory XLA plans
+  for one train micro-batch (`compiled.memory_analysis().temp_size_in_bytes`): `train.agent.batch_loss` under
+  `jax.value_and_grad`, then an optax AdamW update, jitted like the trainer's step (`sharding.jit_sharded_step`:
+  explicit shardings, donated state, traced under the mesh). One row of T tokens per data-parallel shard
+  (a packed row: the same shape holds one long sequence or several short ones), for every T in
+  `--seq`, every remat policy in `--remat` and every attention implementation in `--attention`.
+- depth: the same step's trace + compile time at `--depths` layers, the width of the first model (wall time
+  and the process's CPU time: on a shared machine the CPU time is the steadier figure).
+- presets: for each preset in configs/ that names hardware, both agents' parameters + optimizer +
+  accumulator (they time-share the devices) + the larger micro-batch temp, per device, against the device's
+  memory.
+
+XLA's CPU backend plans memory with its own scheduler and fusion decisions, which approximate but do not
+equal a GPU's or TPU's (the CPU also computes some bf16 ops in float32); the figures are for comparing
+layouts and catching what cannot fit, not for exact headroom. Prints; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MODELS_DIR = os.path.join(ROOT, "configs", "models")
+
+# preset module -> (model config.json, its device, that device's memory in bytes). The mesh, dtypes, remat,
+# micro-batch and row length come from the preset itself.
+PRESETS = {
+    "gpu_qwen3_0p6b": ("qwen3_0p6b.json", "H100 80 GB", 80e9),
+    "tpu_pod_qwen3_8b": ("qwen3_8b.json", "v5p 95 GB", 95e9),
+}
+OTHER_DEVICES = (("H100 80 GB", 80e9), ("v5e 16 GB", 16e9), ("v5p 95 GB", 95e9))
+PRESET_DEVICES = 32  # fake devices the presets' meshes need (the TPU preset's fsdp 16 x tp 2)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="memory,depth,presets", help="comma-separated: memory,depth,presets")
+    parser.add_argument("--models", nargs="+", default=[os.path.join(MODELS_DIR, "qwen3_0p6b.json"),
+                                                        os.path.join(MODELS_DIR, "qwen3_8b.json")])
+    parser.add_argument("--devices", type=int, default=8, help="devices of the memory/depth mesh")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (fsdp = devices / tp)")
+    parser.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 32768], help="tokens per sequence")
+    parser.add_argument("--remat", nargs="+", default=None, help="remat policies (default: all)")
+    parser.add_argument("--attention", nargs="+", default=None,
+                        help="attention implementations (default: every one this build has that runs on CPU)")
+    parser.add_argument("--param-dtype", default="float32")
+    parser.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    parser.add_argument("--depths", type=int, nargs="+", default=[2, 36])
+    parser.add_argument("--depth-seq", type=int, default=2048, help="tokens per sequence of the depth section")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="loss.chunk_size (log-prob chunks)")
+    return parser.parse_args()
+
+
+ARGS = parse_args()
+_SECTIONS = set(ARGS.sections.split(","))
+_NEEDED = max(ARGS.devices, PRESET_DEVICES if "presets" in _SECTIONS else 1)
+# Must happen before jax is imported: the host platform's device count is fixed when the backend starts.
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    + [f"--xla_force_host_platform_device_count={_NEEDED}"])
+sys.path.insert(0, ROOT)
+
+import dataclasses  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mgrpo_jax import sharding  # noqa: E402
+from mgrpo_jax.models import ModelConfig, abstract_model  # noqa: E402
+from mgrpo_jax.models import transformer  # noqa: E402
+from mgrpo_jax.train import agent as agent_lib  # noqa: E402
+from mgrpo_jax.train import batch as batch_lib  # noqa: E402
+
+GIB = 2 ** 30
+
+
+def model_config(path: str, **overrides) -> ModelConfig:
+    """A Hugging Face config.json (its values, as shipped in configs/models/) -> ModelConfig."""
+    import transformers
+
+    with open(path, encoding="utf-8") as fh:
+        values = json.load(fh)
+    hf_config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+    return ModelConfig.from_hf(hf_config).replace(**overrides)
+
+
+def remat_policies() -> tuple[str, ...]:
+    return tuple(getattr(transformer, "REMAT_POLICIES", ("none", "full")))
+
+
+def attention_implementations() -> tuple[str, ...]:
+    """The implementations this build has that compile on CPU (cudnn and splash need their accelerator)."""
+    try:
+        from mgrpo_jax.models import attention as attention_lib
+    except ImportError:
+        return ("dense",)
+    names = getattr(attention_lib, "IMPLEMENTATIONS", ("dense",))
+    return tuple(n for n in names if n in ("dense", "chunked"))
+
+
+# ------------------------------------------------------------------------------------------ abstract state
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _per_device_bytes(tree, shardings) -> int:
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass
+class TrainState:
+    """One agent's abstract train state on a mesh: what `AgentTrainer` holds, as shapes with shardings."""
+
+    config: ModelConfig
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    params: object
+    param_shardings: object
+    tx: optax.GradientTransformation
+    opt_state: object
+    opt_shardings: object
+
+    @property
+    def params_bytes(self) -> int:
+        return _per_device_bytes(self.params, self.param_shardings)
+
+    @property
+    def opt_bytes(self) -> int:
+        return _per_device_bytes(self.opt_state, self.opt_shardings)
+
+    @property
+    def accumulator_bytes(self) -> int:
+        """AgentTrainer's float32 gradient accumulator, sharded like the parameters."""
+        f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), self.params)
+        return _per_device_bytes(f32, self.param_shardings)
+
+    @property
+    def state_bytes(self) -> int:
+        return self.params_bytes + self.opt_bytes + self.accumulator_bytes
+
+
+def train_state(config: ModelConfig, mesh: jax.sharding.Mesh) -> TrainState:
+    graphdef, state = nnx.split(abstract_model(config))
+    param_shardings = sharding.state_shardings(state, mesh)
+    params = _abstract(state, param_shardings)
+    tx = agent_lib.make_optimizer(agent_lib.OptimizerConfig())  # AdamW (mu, nu) + global-norm clipping
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt_shardings = sharding.opt_state_shardings(opt_shapes, params, param_shardings)
+    return TrainState(config, mesh, graphdef, params, param_shardings, tx, _abstract(opt_shapes, opt_shardings),
+                      opt_shardings)
+
+
+def abstract_batch(rows: int, length: int, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """One packed micro-batch's fields as shapes: whatever `train.batch.empty_arrays` builds (the one place
+    that knows the layout: tokens, positions, segment_ids, loss_mask, old_logp, advantages, weights), `rows`
+    rows of `length` tokens, every field's dimension 0 over the data axis."""
+    host = batch_lib.empty_arrays(1, length)
+    return {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype, sharding=batch_sharding)
+            for k, v in host.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Seconds:
+    """Wall time, and this process's CPU time (all its threads), which other jobs on a shared machine do not
+    inflate."""
+
+    wall: float
+    cpu: float
+
+
+def compile_micro_batch(ts: TrainState, rows: int, tokens: int, chunk_size: int):
+    """jit(...).lower(...).compile() of one micro-batch's gradient + AdamW update; (compiled, Seconds)."""
+    loss_cfg = agent_lib.LossConfig(chunk_size=min(chunk_size, tokens))
+
+    def step(params, opt_state, batch):
+        def total_of(p):
+            total, denom, _ = agent_lib.batch_loss(nnx.merge(ts.graphdef, p), batch, loss_cfg)
+            return total, denom
+
+        (total, denom), grads = jax.value_and_grad(total_of, has_aux=True)(params)
+        updates, opt_state = ts.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": total / denom}
+
+    data = sharding.batch_sharding(ts.mesh)
+    jitted = sharding.jit_sharded_step(step, ts.param_shardings, ts.opt_shardings, data)
+    # +1: next-token prediction reads tokens[:, :-1], so the model sees exactly `tokens` positions.
+    batch = abstract_batch(rows, tokens + 1, data)
+    start, cpu = time.perf_counter(), time.process_time()
+    compiled = jitted.lower(ts.params, ts.opt_state, batch).compile()
+    return compiled, Seconds(time.perf_counter() - start, time.process_time() - cpu)
+
+
+def temp_bytes(compiled) -> int:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def make_mesh(devices: int, tp: int) -> jax.sharding.Mesh:
+    return sharding.make_agent_meshes({"bench": {"devices": devices, "tp": tp}},
+                                      devices=jax.devices()[:devices])["bench"]
+
+
+def describe(config: ModelConfig) -> str:
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract_model(config))))
+    return (f"hidden {config.hidden_size}, {config.num_layers} layers, {config.num_heads}/{config.num_kv_heads} "
+            f"heads x {config.head_dim}, mlp {config.intermediate_size}, vocab {config.vocab_size}, "
+            f"{'tied' if config.tie_word_embeddings else 'untied'}: {n / 1e9:.3f} B params")
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:7.2f}"
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def memory_section(args) -> None:
+    mesh = make_mesh(args.devices, args.tp)
+    fsdp = mesh.shape["fsdp"]
+    policies = args.remat or remat_policies()
+    impls = args.attention or attention_implementations()
+    print(f"\n== memory per device: mesh fsdp {fsdp} x tp {mesh.shape['tp']}, one row per data shard "
+          f"({fsdp} rows), params {args.param_dtype}, compute {args.dtype}; GiB")
+    for path in args.models:
+        base = model_config(path, param_dtype=args.param_dtype, dtype=args.dtype)
+        ts = train_state(base, mesh)
+        print(f"{os.path.basename(path)}: {describe(base)}")
+        print(f"  params {_gib(ts.params_bytes)}  adamw {_gib(ts.opt_bytes)}  f32 grad accumulator "
+              f"{_gib(ts.accumulator_bytes)}  = {_gib(ts.state_bytes)}")
+        print(f"  {'T':>6} {'remat':>14} {'attention':>9} {'temp':>8} {'state+temp':>11} {'compile s':>9} "
+              f"{'(cpu s)':>8}")
+        for tokens in args.seq:
+            for policy in policies:
+                for impl in impls:
+                    cfg = _with_policy(base, policy, impl)
+                    ts_cfg = dataclasses.replace(ts, config=cfg, graphdef=nnx.split(abstract_model(cfg))[0])
+                    try:
+                        compiled, seconds = compile_micro_batch(ts_cfg, fsdp, tokens, args.chunk_size)
+                    except Exception as e:  # noqa: BLE001 - a figure that cannot be had is printed, not fatal
+                        print(f"  {tokens:6d} {policy:>14} {impl:>9}  failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120]}")
+                        continue
+                    temp = temp_bytes(compiled)
+                    print(f"  {tokens:6d} {policy:>14} {impl:>9} {_gib(temp):>8} {_gib(ts.state_bytes + temp):>11} "
+                          f"{seconds.wall:9.1f} {seconds.cpu:8.1f}", flush=True)
+
+
+def _with_policy(config: ModelConfig, policy: str, attention: str) -> ModelConfig:
+    changes = {"remat": policy}
+    if "attention" in {f.name for f in dataclasses.fields(ModelConfig)}:
+        changes["attention"] = attention
+    return config.replace(**changes)
+
+
+def depth_section(args) -> None:
+    mesh = make_mesh(args.devices, args.tp)
+    base = model_config(args.models[0], param_dtype=args.param_dtype, dtype=args.dtype)
+    policy = (args.remat or ["full"])[0]
+    impl = (args.attention or ["dense"])[0]
+    print(f"\n== train-step trace + compile time against depth: {os.path.basename(args.models[0])}'s width, "
+          f"T = {args.depth_seq}, remat {policy}, attention {impl}, mesh fsdp {mesh.shape['fsdp']} x tp "
+          f"{mesh.shape['tp']}")
+    times = {}
+    for depth in args.depths:
+        cfg = _with_policy(base.replace(num_layers=depth), policy, impl)
+        compiled, seconds = compile_micro_batch(train_state(cfg, mesh), mesh.shape["fsdp"], args.depth_seq,
+                                                args.chunk_size)
+        times[depth] = seconds
+        print(f"  {depth:3d} layers: {seconds.wall:6.1f} s wall, {seconds.cpu:6.1f} s cpu   (temp "
+              f"{temp_bytes(compiled) / GIB:.2f} GiB)", flush=True)
+    first = args.depths[0]
+    for depth in args.depths[1:]:
+        print(f"  {depth} vs {first} layers: {times[depth].wall / times[first].wall:.2f}x wall, "
+              f"{times[depth].cpu / times[first].cpu:.2f}x cpu")
+
+
+def presets_section(args) -> None:
+    print("\n== presets: per device, both agents' params + AdamW + f32 accumulator (they time-share the mesh) "
+          "+ the larger micro-batch temp; GiB")
+    for name, (model_file, device, capacity) in PRESETS.items():
+        c = importlib.import_module(f"configs.{name}").get_config()
+        per_agent = []
+        for role in ("main", "sub"):
+            a = c.agents[role]
+            mesh_cfg = a.mesh if "shared_with" not in a.mesh else c.agents[a.mesh["shared_with"]].mesh
+            devices, tp = int(mesh_cfg["devices"]), int(mesh_cfg.get("tp", 1))
+            context = c.controller.max_main_context if role == "main" else c.controller.max_sub_context
+            length = int(a.loss.get("pack_len", 0)) or context  # the packed row length (experiment.pack_length)
+            cfg = model_config(os.path.join(MODELS_DIR, model_file), param_dtype=a.model.param_dtype,
+                               dtype=a.model.dtype, remat=a.model.remat)
+            if "attention" in a.model:
+                cfg = cfg.replace(attention=a.model.attention)
+            ts = train_state(cfg, make_mesh(devices, tp))
+            compiled, _ = compile_micro_batch(ts, int(a.loss.micro_batch_size), int(length) - 1,
+                                              int(a.loss.chunk_size))
+            per_agent.append((role, ts, temp_bytes(compiled), int(a.loss.micro_batch_size), int(length)))
+        state = sum(ts.state_bytes for _, ts, _, _, _ in per_agent)
+        temp = max(t for _, _, t, _, _ in per_agent)
+        total = state + temp
+        ts0 = per_agent[0][1]
+        print(f"{name}: {os.path.basename(model_file)}, mesh fsdp {ts0.mesh.shape['fsdp']} x tp "
+              f"{ts0.mesh.shape['tp']}, remat {ts0.config.remat!r}, compute {ts0.config.dtype}")
+        for role, ts, t, rows, length in per_agent:
+            print(f"  {role}: state {_gib(ts.state_bytes)} (params {_gib(ts.params_bytes).strip()}, adamw "
+                  f"{_gib(ts.opt_bytes).strip()}, acc {_gib(ts.accumulator_bytes).strip()})  temp {_gib(t)} "
+                  f"({rows} rows x {length} tokens per micro-batch)")
+        verdict = "fits" if total <= capacity else "DOES NOT FIT"
+        print(f"  total {_gib(total)} GiB per device vs {device} ({capacity / GIB:.1f} GiB): {verdict}; "
+              + ", ".join(f"{d}: {total / cap:.0%}" for d, cap in OTHER_DEVICES))
+
+
+def main() -> None:
+    args = ARGS
+    devices = jax.devices()
+    print(f"jax {jax.__version__}, {len(devices)} fake {devices[0].platform} devices, {os.cpu_count()} host cores; "
+          f"remat policies {list(args.remat or remat_policies())}, attention "
+          f"{list(args.attention or attention_implementations())}")
+    if "memory" in _SECTIONS:
+        memory_section(args)
+    if "depth" in _SECTIONS:
+        depth_section(args)
+    if "presets" in _SECTIONS:
+        presets_section(args)
+
+
+if __name__ == "__main__":
+    main()
