@@ -389,8 +389,11 @@ class AgentTrainer:
         self._zero_acc = jax.jit(on_mesh(programs.zero_acc), in_shardings=(param_shardings, self.batch_sharding),
                                  out_shardings=acc_shardings)
         self.version = 0
-        self.skipped_steps = 0
-        self.skipped_empty = 0
+        self.skipped_steps = 0  # optimizer steps refused for a non-finite gradient
+        self.skipped_empty = 0  # updates not dispatched: no token carried any loss
+
+    # Counters that a checkpoint carries (checkpoint.agent_state_of), so a resumed run reports what it would have.
+    RESUMED_COUNTERS = ("skipped_steps", "skipped_empty")
 
     @property
     def checkpoint_params(self) -> Any:
