@@ -28,4 +28,7 @@ def get_config():
         a.model.router_z_loss_coef = 0.001
         a.mesh = mesh
         a.loss.micro_batch_size = 4  # a multiple of the data-parallel shards (fsdp x expert)
+        # Random agents earn equal (zero) rewards, so every advantage is 0; keeping those segments makes every
+        # step run the update (the router's losses still give a gradient), rather than skipping it as empty.
+        a.loss.skip_zero_advantage = False
     return c

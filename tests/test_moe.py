@@ -265,8 +265,10 @@ def test_expert_parallel_update_equals_the_single_device_update_and_compiles_onc
     init = jax.device_get(sharding.born_sharded(lambda: init_model(EP_CONFIG, 3), _single())[1])
     moved = 0.0
     for (path, g), (_, w), (_, i) in zip(nnx.to_flat_state(got), nnx.to_flat_state(want), nnx.to_flat_state(init)):
-        # Adam's first steps move a parameter by ~lr; sharded reductions differ in float32 rounding only.
-        np.testing.assert_allclose(g.get_value(), w.get_value(), atol=2e-5, rtol=0, err_msg=str(path))
+        # Adam's steps move a parameter by ~lr (1e-2) each; sharded reductions differ in float32 rounding only,
+        # which Adam's g / sqrt(v) amplifies on near-zero gradients: 1% of a step (a wrong, missing or doubled
+        # expert's update is off by ~lr), as in test_sharded_update.
+        np.testing.assert_allclose(g.get_value(), w.get_value(), atol=1e-4, rtol=0, err_msg=str(path))
         moved = max(moved, float(np.abs(g.get_value() - i.get_value()).max()))
     assert moved > 5e-3
 
@@ -276,8 +278,8 @@ def _single():
 
 
 def test_router_loss_enters_the_gradient():
-    """With router_aux_loss_coef > 0 the router's gradient changes (load balancing pushes on it); the experts'
-    do not depend on the coefficient."""
+    """With router_aux_loss_coef > 0 the router's gradient changes (load balancing pushes on it), and so does that
+    of everything upstream of a router; the last MoE layer's experts' does not."""
     from mgrpo_jax.train.agent import build_update_programs, make_optimizer
 
     grads = {}
@@ -288,11 +290,14 @@ def test_router_loss_enters_the_gradient():
                                LossConfig(micro_batch_size=4, chunk_size=16), row_len=24)
         micro = next(trainer.pack(_segments(7)).micro_batches())
         programs = build_update_programs(graphdef, make_optimizer(OptimizerConfig()), trainer.loss_config)
-        acc = programs.accumulate(params, programs.zero_acc(params, micro), micro)
-        grads[coef] = acc["grads"]["layers"][0]["mlp"]
+        acc = jax.jit(programs.accumulate)(params, jax.jit(programs.zero_acc)(params, micro), micro)
+        grads[coef] = acc["grads"]["layers"][0]["mlp"]  # the run of MoE layers 0 and 1
     assert not np.allclose(grads[0.0]["router_kernel"].get_value(), grads[1.0]["router_kernel"].get_value())
-    np.testing.assert_allclose(grads[0.0]["down_kernel"].get_value(), grads[1.0]["down_kernel"].get_value(),
-                               rtol=1e-6, atol=1e-9)
+    # The last MoE layer's experts feed no router, so their gradient does not depend on the coefficient (layer
+    # 0's experts do: their output feeds layer 1's router).
+    np.testing.assert_allclose(grads[0.0]["down_kernel"].get_value()[1], grads[1.0]["down_kernel"].get_value()[1],
+                               rtol=1e-5, atol=1e-9)
+    assert not np.allclose(grads[0.0]["down_kernel"].get_value()[0], grads[1.0]["down_kernel"].get_value()[0])
 
 
 def test_expert_parallel_load_reads_each_devices_block(checkpoints):
