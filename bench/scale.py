@@ -20,6 +20,8 @@ Sections:
   `--seq`, every remat policy in `--remat` and every attention implementation in `--attention`.
 - depth: the same step's trace + compile time at `--depths` layers, the width of the first model (wall time
   and the process's CPU time: on a shared machine the CPU time is the steadier figure).
+- lora: per device, the AdamW state of a full fine-tune against that of LoRA adapters (`--lora-rank`, every
+  projection targeted; `models.lora`), from shapes and shardings: the optimizer holds the adapters alone.
 - presets: for each preset in configs/ that names hardware, both agents' parameters + optimizer +
   accumulator (they time-share the devices) + the larger micro-batch temp, per device, against the device's
   memory.
@@ -49,7 +51,9 @@ PRESET_DEVICES = 32  # fake devices the presets' meshes need (the TPU preset's f
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="memory,depth,presets", help="comma-separated: memory,depth,presets")
+    parser.add_argument("--sections", default="memory,depth,lora,presets",
+                        help="comma-separated: memory,depth,lora,presets")
+    parser.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the lora section")
     parser.add_argument("--models", nargs="+", default=[os.path.join(MODELS_DIR, "qwen3_0p6b.json"),
                                                         os.path.join(MODELS_DIR, "qwen3_8b.json")])
     parser.add_argument("--devices", type=int, default=8, help="devices of the memory/depth mesh")
@@ -87,6 +91,7 @@ from flax import nnx  # noqa: E402
 
 from mgrpo_jax import sharding  # noqa: E402
 from mgrpo_jax.models import ModelConfig, abstract_model  # noqa: E402
+from mgrpo_jax.models import lora as lora_lib  # noqa: E402
 from mgrpo_jax.models import transformer  # noqa: E402
 from mgrpo_jax.train import agent as agent_lib  # noqa: E402
 from mgrpo_jax.train import batch as batch_lib  # noqa: E402
@@ -155,9 +160,17 @@ class TrainState:
 
     @property
     def accumulator_bytes(self) -> int:
-        """AgentTrainer's float32 gradient accumulator, sharded like the parameters."""
-        f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), self.params)
-        return _per_device_bytes(f32, self.param_shardings)
+        """AgentTrainer's float32 gradient accumulator, sharded like the trained parameters (with LoRA, the
+        adapters)."""
+        params, _ = agent_lib.trainable_part(self.params, self.trainable)
+        shardings, _ = agent_lib.trainable_part(self.param_shardings, self.trainable)
+        f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), params)
+        return _per_device_bytes(f32, shardings)
+
+    @property
+    def trainable(self):
+        """What the update trains: None (everything) or the LoRA adapters' filter, as `AgentTrainer` decides."""
+        return lora_lib.TRAINABLE if self.config.lora is not None else None
 
     @property
     def state_bytes(self) -> int:
@@ -169,8 +182,11 @@ def train_state(config: ModelConfig, mesh: jax.sharding.Mesh) -> TrainState:
     param_shardings = sharding.state_shardings(state, mesh)
     params = _abstract(state, param_shardings)
     tx = agent_lib.make_optimizer(agent_lib.OptimizerConfig())  # AdamW (mu, nu) + global-norm clipping
-    opt_shapes = jax.eval_shape(tx.init, params)
-    opt_shardings = sharding.opt_state_shardings(opt_shapes, params, param_shardings)
+    trainable = lora_lib.TRAINABLE if config.lora is not None else None  # AgentTrainer's choice
+    train, _ = agent_lib.trainable_part(params, trainable)
+    train_shardings, _ = agent_lib.trainable_part(param_shardings, trainable)
+    opt_shapes = jax.eval_shape(tx.init, train)
+    opt_shardings = sharding.opt_state_shardings(opt_shapes, train, train_shardings)
     return TrainState(config, mesh, graphdef, params, param_shardings, tx, _abstract(opt_shapes, opt_shardings),
                       opt_shardings)
 
@@ -198,13 +214,17 @@ def compile_micro_batch(ts: TrainState, rows: int, tokens: int, chunk_size: int)
     loss_cfg = agent_lib.LossConfig(chunk_size=min(chunk_size, tokens))
 
     def step(params, opt_state, batch):
+        train, frozen = agent_lib.trainable_part(params, ts.trainable)
+
         def total_of(p):
-            total, denom, _ = agent_lib.batch_loss(nnx.merge(ts.graphdef, p), batch, loss_cfg)
+            full = p if frozen is None else nnx.merge_state(p, frozen)
+            total, denom, _ = agent_lib.batch_loss(nnx.merge(ts.graphdef, full), batch, loss_cfg)
             return total, denom
 
-        (total, denom), grads = jax.value_and_grad(total_of, has_aux=True)(params)
-        updates, opt_state = ts.tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": total / denom}
+        (total, denom), grads = jax.value_and_grad(total_of, has_aux=True)(train)
+        updates, opt_state = ts.tx.update(grads, opt_state, train)
+        train = optax.apply_updates(train, updates)
+        return (train if frozen is None else nnx.merge_state(train, frozen)), opt_state, {"loss": total / denom}
 
     data = sharding.batch_sharding(ts.mesh)
     jitted = sharding.jit_sharded_step(step, ts.param_shardings, ts.opt_shardings, data)
@@ -219,8 +239,8 @@ def temp_bytes(compiled) -> int:
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def make_mesh(devices: int, tp: int) -> jax.sharding.Mesh:
-    return sharding.make_agent_meshes({"bench": {"devices": devices, "tp": tp}},
+def make_mesh(devices: int, tp: int, expert: int = 1) -> jax.sharding.Mesh:
+    return sharding.make_agent_meshes({"bench": {"devices": devices, "tp": tp, "expert": expert}},
                                       devices=jax.devices()[:devices])["bench"]
 
 
@@ -298,6 +318,26 @@ def depth_section(args) -> None:
               f"{times[depth].cpu / times[first].cpu:.2f}x cpu")
 
 
+def lora_section(args) -> None:
+    mesh = make_mesh(args.devices, args.tp)
+    rank = args.lora_rank
+    print(f"\n== LoRA rank {rank} (every projection) vs full fine-tuning: AdamW state per device, mesh fsdp "
+          f"{mesh.shape['fsdp']} x tp {mesh.shape['tp']}, params {args.param_dtype}; GiB")
+    for path in args.models:
+        base = model_config(path, param_dtype=args.param_dtype, dtype=args.dtype)
+        full = train_state(base, mesh)
+        adapted = train_state(base.replace(lora=lora_lib.LoraConfig(rank=rank, alpha=2.0 * rank)), mesh)
+        n_full = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(full.params))
+        n_lora = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora_lib.split(adapted.params)[0]))
+        print(f"{os.path.basename(path)}: {describe(base)}; adapters {n_lora / 1e6:.2f} M params "
+              f"({n_lora / n_full:.2%})")
+        print(f"  full: adamw {_gib(full.opt_bytes)}  acc {_gib(full.accumulator_bytes)}  state "
+              f"{_gib(full.state_bytes)}")
+        print(f"  lora: adamw {_gib(adapted.opt_bytes)}  acc {_gib(adapted.accumulator_bytes)}  state "
+              f"{_gib(adapted.state_bytes)}   optimizer state {adapted.opt_bytes / full.opt_bytes:.2%} of full",
+              flush=True)
+
+
 def presets_section(args) -> None:
     print("\n== presets: per device, both agents' params + AdamW + f32 accumulator (they time-share the mesh) "
           "+ the larger micro-batch temp; GiB")
@@ -343,6 +383,8 @@ def main() -> None:
         memory_section(args)
     if "depth" in _SECTIONS:
         depth_section(args)
+    if "lora" in _SECTIONS:
+        lora_section(args)
     if "presets" in _SECTIONS:
         presets_section(args)
 

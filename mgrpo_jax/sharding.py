@@ -52,7 +52,9 @@ LogicalRules = Sequence[tuple[str, Any]]
 # Expert parallelism (a mesh with an "expert" axis, `AgentMeshSpec.expert`): a MoE layer's experts are split over
 # "expert" (`models.moe`); everywhere else "expert" is one more data-parallel / FSDP axis (the batch and the
 # weights' embed dimension over fsdp x expert), as in MaxText. A mesh without it leaves every spec as before.
-# "lora_rank" (an adapter's rank dimension) is small and replicated.
+# "lora_rank" (an adapter's rank dimension) is sharded over the data axes where no other dimension of the
+# adapter already is (B [r, out] of a projection whose out dimension is replicated), so adapters and their
+# optimizer state are split like the base weights rather than replicated.
 DEFAULT_RULES: LogicalRules = (
     ("layers", None),
     ("vocab", "tp"),
@@ -64,7 +66,7 @@ DEFAULT_RULES: LogicalRules = (
     ("mlp", "tp"),
     ("moe_mlp", "tp"),
     ("norm", None),
-    ("lora_rank", None),
+    ("lora_rank", ("fsdp", "expert")),
     ("batch", ("fsdp", "expert")),
     ("length", None),
     ("act_embed", None),

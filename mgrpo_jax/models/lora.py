@@ -144,7 +144,9 @@ class ExpertLoRA(nnx.Module):
                                out_sharding=(experts, "lora_rank", out_axis), eager_sharding=False)
 
     def axes(self) -> tuple[tuple, tuple]:
-        return self.a.get_metadata()["out_sharding"], self.b.get_metadata()["out_sharding"]
+        """The logical axes of one layer's a and b ([E, in, r], [E, r, out]: without the "layers" axis that
+        stacking prepends to the metadata)."""
+        return tuple(self.a.get_metadata()["out_sharding"])[-3:], tuple(self.b.get_metadata()["out_sharding"])[-3:]
 
     def delta(self) -> Array:
         return self.scale * jnp.einsum("eir,ero->eio", self.a[...], self.b[...])

@@ -39,7 +39,6 @@ the layers' tokens); `max_load` = E * max_e f_e is reported too (1 = balanced).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -345,13 +344,17 @@ def moe_mlp(x: Array, experts: Array, weights: Array, real: Array, w: dict[str, 
     x = constrain(x, x_spec)
     experts, weights, real = (constrain(v, PartitionSpec(*x_spec[:2], *([None] * (v.ndim - 2))))
                               for v in (experts, weights, real))
-    # The H dimension of each weight, gathered inside (FSDP): which axis of the array it is, and its mesh axes.
-    embed_dim = {name: list(axes[name]).index("embed") for name in w if "embed" in axes[name]}
+    # The FSDP-sharded dimensions of each weight, gathered inside: H ("embed") and an adapter's rank
+    # ("lora_rank"); (array axis, mesh axes) pairs.
+    gathered = {name: [(d, _axes(w_specs[name][d])) for d, logical in enumerate(axes[name])
+                       if logical in ("embed", "lora_rank") and _axes(w_specs[name][d])] for name in w}
     key = jnp.zeros((2,), jnp.uint32) if dropout_key is None else jax.random.key_data(dropout_key)
 
     def body(x, experts, weights, real, w, key):
-        w = {name: (jax.lax.all_gather(v, _axes(w_specs[name][embed_dim[name]]), axis=embed_dim[name], tiled=True)
-                    if name in embed_dim and _axes(w_specs[name][embed_dim[name]]) else v) for name, v in w.items()}
+        w = dict(w)
+        for name in w:
+            for dim, mesh_axes in gathered[name]:
+                w[name] = jax.lax.all_gather(w[name], mesh_axes, axis=dim, tiled=True)
         bl, tl = x.shape[:2]
         flat = lambda v: v.reshape(bl * tl, *v.shape[2:])  # noqa: E731
         xs, es, ws, rs = flat(x), flat(experts), flat(weights), flat(real)
@@ -449,4 +452,4 @@ def num_moe_params(config) -> tuple[int, int]:
 
 __all__ = ["AUX_METRICS", "EXPERT_AXES", "LAYER_KINDS", "MOE_MATMULS", "MoEBlock", "grouped_matmul", "layer_kinds",
            "layer_runs", "local_experts", "moe_mlp", "num_moe_params", "resolve_matmul", "route",
-           "router_statistics", "math"]
+           "router_statistics"]
