@@ -6,6 +6,15 @@ fsdp 2 x expert 2, the sub-agent on expert 4. The router's load-balancing and z 
 `<agent>/moe/...`). It shows the machinery (random weights earn no reward), like tiny_cpu.
 
     python launch/train.py --config configs/tiny_moe_cpu.py --workdir /tmp/mgrpo_moe --config.total_steps=3
+
+With LoRA adapters (on every projection, experts' included; base frozen), and the merged export:
+
+    python launch/train.py --config configs/tiny_moe_cpu.py --workdir /tmp/mgrpo_moe_lora --config.total_steps=2 \
+        --config.agents.main.lora.rank=4 --config.agents.sub.lora.rank=4
+    python launch/export_hf.py --config configs/tiny_moe_cpu.py --workdir /tmp/mgrpo_moe_lora --agent main \
+        --config.agents.main.lora.rank=4 --config.agents.sub.lora.rank=4 --output /tmp/moe_lora_hf
+
+A random main agent never delegates, so the sub-agent gets no trajectories (its steps report 0 tokens).
 """
 from configs import tiny_cpu
 
