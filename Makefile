@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 REPRO_ROOT ?= runs/repro
 WARM_START := $(REPRO_ROOT)/warm_multi/warm_start/summary.json
 
-.PHONY: test bench-kernels demo repro clean
+.PHONY: test bench-kernels demo repro repro-ablations clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,18 +23,24 @@ test: $(STAMP)
 bench-kernels: $(STAMP)
 	$(PY) bench/kernels.py
 
-# M-GRPO co-training of warm-started tiny agents (configs/demo.py) in $(DEMO_DIR). The warm start
-# (supervised fine-tuning on generated demonstrations) runs first when $(REPRO_ROOT) does not have it yet; the
-# comparisons (`make repro`) reuse it.
+# M-GRPO co-training of warm-started tiny agents (configs/demo.py) in $(DEMO_DIR), with held-out accuracy
+# measured every 10 steps. The warm start (supervised fine-tuning on generated demonstrations) runs first when
+# $(REPRO_ROOT) does not have it yet; the comparisons (`make repro`) reuse it, and the compilation cache.
 demo: $(STAMP)
 	test -f $(WARM_START) || $(PY) launch/warm_start.py --config configs/repro/warm_start.py:multi \
 		--workdir $(REPRO_ROOT)/warm_multi
 	rm -rf $(DEMO_DIR)
-	$(PY) launch/train.py --config configs/demo.py:$(REPRO_ROOT) --workdir $(DEMO_DIR)
+	JAX_COMPILATION_CACHE_DIR=$(REPRO_ROOT)/jax_cache $(PY) launch/train.py --config configs/demo.py:$(REPRO_ROOT) \
+		--workdir $(DEMO_DIR)
 
-# The paper's comparisons (configs/repro/): every setting x 3 seeds -> docs/results/. About 2 hours on 2 cores.
+# The paper's comparisons (configs/repro/), 3 seeds each. `repro`: co_train, main_only and single_agent ->
+# docs/results/; `repro-ablations`: alignment off, one shared model and the bottleneck setting ->
+# docs/results/ablations/ (it reuses the core runs under $(REPRO_ROOT)). Times: README, "Results".
 repro: $(STAMP)
-	$(PY) launch/repro.py --root $(REPRO_ROOT) --out docs/results --jobs 2
+	$(PY) launch/repro.py --root $(REPRO_ROOT) --group core --jobs 2
+
+repro-ablations: $(STAMP)
+	$(PY) launch/repro.py --root $(REPRO_ROOT) --group ablations --jobs 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis runs

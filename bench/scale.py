@@ -12,10 +12,11 @@ config.json values (`configs/models/*.json`), so no weights are needed.
 
 Sections:
 - memory: per device, the bytes of the parameters, the AdamW state (mu, nu) and the float32 gradient
-  accumulator of `train.agent.build_train_step` (from shapes and shardings), and the temp memory XLA plans
+  accumulator of `train.agent.AgentTrainer` (from shapes and shardings), and the temp memory XLA plans
   for one train micro-batch (`compiled.memory_analysis().temp_size_in_bytes`): `train.agent.batch_loss` under
   `jax.value_and_grad`, then an optax AdamW update, jitted like the trainer's step (`sharding.jit_sharded_step`:
-  explicit shardings, donated state). One sequence of T tokens per data-parallel shard, for every T in
+  explicit shardings, donated state, traced under the mesh). One row of T tokens per data-parallel shard
+  (a packed row: the same shape holds one long sequence or several short ones), for every T in
   `--seq`, every remat policy in `--remat` and every attention implementation in `--attention`.
 - depth: the same step's trace + compile time at `--depths` layers, the width of the first model (wall time
   and the process's CPU time: on a shared machine the CPU time is the steadier figure).
@@ -154,7 +155,7 @@ class TrainState:
 
     @property
     def accumulator_bytes(self) -> int:
-        """build_train_step's float32 gradient sum, sharded like the parameters."""
+        """AgentTrainer's float32 gradient accumulator, sharded like the parameters."""
         f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), self.params)
         return _per_device_bytes(f32, self.param_shardings)
 
@@ -175,9 +176,10 @@ def train_state(config: ModelConfig, mesh: jax.sharding.Mesh) -> TrainState:
 
 
 def abstract_batch(rows: int, length: int, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """The train batch's fields as shapes: whatever `train.batch.empty_batch` builds (the one place that
-    knows the layout), `rows` sequences of `length` tokens, every field's dimension 0 over the data axis."""
-    host = batch_lib.empty_batch(1, length)
+    """One packed micro-batch's fields as shapes: whatever `train.batch.empty_arrays` builds (the one place
+    that knows the layout: tokens, positions, segment_ids, loss_mask, old_logp, advantages, weights), `rows`
+    rows of `length` tokens, every field's dimension 0 over the data axis."""
+    host = batch_lib.empty_arrays(1, length)
     return {k: jax.ShapeDtypeStruct((rows, *v.shape[1:]), v.dtype, sharding=batch_sharding)
             for k, v in host.items()}
 
@@ -241,7 +243,7 @@ def memory_section(args) -> None:
     fsdp = mesh.shape["fsdp"]
     policies = args.remat or remat_policies()
     impls = args.attention or attention_implementations()
-    print(f"\n== memory per device: mesh fsdp {fsdp} x tp {mesh.shape['tp']}, one sequence per data shard "
+    print(f"\n== memory per device: mesh fsdp {fsdp} x tp {mesh.shape['tp']}, one row per data shard "
           f"({fsdp} rows), params {args.param_dtype}, compute {args.dtype}; GiB")
     for path in args.models:
         base = model_config(path, param_dtype=args.param_dtype, dtype=args.dtype)
@@ -306,7 +308,8 @@ def presets_section(args) -> None:
             a = c.agents[role]
             mesh_cfg = a.mesh if "shared_with" not in a.mesh else c.agents[a.mesh["shared_with"]].mesh
             devices, tp = int(mesh_cfg["devices"]), int(mesh_cfg.get("tp", 1))
-            length = c.controller.max_main_context if role == "main" else c.controller.max_sub_context
+            context = c.controller.max_main_context if role == "main" else c.controller.max_sub_context
+            length = int(a.loss.get("pack_len", 0)) or context  # the packed row length (experiment.pack_length)
             cfg = model_config(os.path.join(MODELS_DIR, model_file), param_dtype=a.model.param_dtype,
                                dtype=a.model.dtype, remat=a.model.remat)
             if "attention" in a.model:

@@ -41,11 +41,13 @@ def get_config() -> ConfigDict:
     c.log_every = 1
     c.eval_every = 0  # steps between held-out evaluations (0: only at the end)
     c.eval_questions = 32
+    c.eval_train_questions = 0  # also evaluate (greedy) on the first N questions RL trains on, beside held-out
 
     c.task = ConfigDict({
         "kind": "synthetic",  # synthetic | files
         "world_seed": 0, "num_entities": 80, "num_questions": 400, "hops": (1, 2), "hop_weights": (),
         "heldout_fraction": 0.15,
+        "rl_fraction": 0.0,  # > 0: a third split of head entities, the warm start's (data/task.py)
         "train_files": (), "eval_files": (), "corpus_file": "", "retriever_url": "",
         "search_top_k": 2, "snippet_chars": 120, "tool_timeout_s": 10.0,
         "shuffle": True, "on_bad_row": "error",  # error | skip

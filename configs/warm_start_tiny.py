@@ -76,5 +76,10 @@ def get_config() -> ConfigDict:
         "repeat": {"main": 2, "sub": 1},  # passes per epoch; the main agent's rows are short
         "optimizer": {"learning_rate": 5e-3, "schedule": "cosine", "warmup_steps": 20, "b1": 0.9, "b2": 0.98,
                       "weight_decay": 0.01, "max_grad_norm": 1.0},
+        "questions_per_epoch": 0,  # > 0: each epoch demonstrates a fresh sample of this many questions
+        "shortcuts": {"main": 0.0, "sub": 0.0},  # teachers' shortcut probabilities (train/demonstrations.py)
+        "agent_epochs": {"main": 0, "sub": 0},  # an agent's SFT stops after this many epochs (0: all)
+        "explore_questions": 0,  # after SFT: pass@k, zero-variance groups and entropy on this many RL questions
+        "explore_k": 4,
     })
     return c

@@ -1,36 +1,39 @@
-"""The paper's comparisons at laptop scale, in one command: warm starts, every setting x seed, docs/results/.
+"""The paper's comparisons at laptop scale, in two commands: warm starts, every setting x seed, docs/results/.
 
-    python launch/repro.py                        # everything: ~2 h on 2 CPU cores (README, "Results")
-    python launch/repro.py --settings co_train,main_only --seeds 0,1,2 --jobs 2
-    python launch/repro.py --train_set total_steps=3 --warm_start_set warm_start.epochs=1 --out /tmp/smoke
+    python launch/repro.py --jobs 2                    # core: co_train, main_only, single_agent -> docs/results/
+    python launch/repro.py --group ablations --jobs 2  # no alignment, shared model, the bottleneck setting
+                                                       #   -> docs/results/ablations/ (reuses the core runs)
+    python launch/repro.py --settings co_train,main_only --seeds 0 --train_set total_steps=20 --out /tmp/pilot
 
-Settings are configs/repro/<setting>.py (configs/repro/common.py explains the design). Steps:
+Settings are configs/repro/<setting>.py (configs/repro/common.py explains the design). One pool of `--jobs`
+processes runs, in order:
   1. the warm starts the settings need (launch/warm_start.py --config configs/repro/warm_start.py:<kind>), into
-     <root>/warm_<kind>/, `--jobs` at once; a finished one (its warm_start/summary.json exists) is reused;
+     <root>/warm_<kind>/; a finished one (its warm_start/summary.json exists) is reused; then where its greedy
+     held-out episodes fail (launch/evaluate.py --failures --initial, into <root>/warm_<kind>/eval/failures.json);
   2. each setting and seed (launch/train.py --config configs/repro/<setting>.py:<root>), into
-     <root>/<setting>/seed<N>/, with its output in log.txt there; a finished run is reused, an interrupted one
-     resumes from its checkpoint;
-  3. where greedy held-out episodes fail, for each warm start and each run (launch/evaluate.py --failures,
-     into failures.json beside them; reused when present);
-  4. the tables, the curves and results.json in --out (mgrpo_jax/comparison.py).
-Each run is its own process (`--jobs` at once). A failed run is reported with its log and left out of the table
-(the table's "Runs that did not finish" lists it), and the command exits 1.
+     <root>/<setting>/seed<N>/, with its output in log.txt there, as soon as its warm start is done (the RL runs
+     of the warm starts that finish first go first); a finished run is reused, an interrupted one resumes from
+     its checkpoint; then where its final greedy held-out episodes fail (failures.json beside it);
+  3. the tables, the curves and results.json in --out (mgrpo_jax/comparison.py).
+Every process shares one JAX compilation cache (<root>/jax_cache, or $JAX_COMPILATION_CACHE_DIR): runs of the same
+shapes compile once. A failed run is reported with its log and left out of the table (the table's "Runs that did
+not finish" lists it), and the command exits 1.
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from configs.repro.common import DEFAULT_ROOT, WARM_START_OF, rl_config  # noqa: E402
+from configs.repro.common import (DEFAULT_ROOT, GROUPS, PREAMBLE, SETTING_NOTES, SETTINGS, WARM_START_OF,  # noqa: E402
+                                  rl_config)
 from mgrpo_jax.comparison import summarize_run, write_results  # noqa: E402
-
-SETTINGS = ("single_agent", "main_only", "co_train", "co_train_no_alignment", "shared_model")
 
 
 def _parse_set(pairs):
@@ -50,17 +53,6 @@ def _override(pairs, key, default):
     return default
 
 
-def _run(cmd, log_path):
-    """Runs cmd with its output in log_path; returns (ok, seconds)."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    return code == 0, time.perf_counter() - t0
-
-
 def _tail(path, lines=15):
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -72,57 +64,50 @@ def _tail(path, lines=15):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=DEFAULT_ROOT, help="where warm starts and runs go (default %(default)s)")
-    parser.add_argument("--out", default="docs/results", help="where the table and curves go (default %(default)s)")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of " + ", ".join(SETTINGS))
+    parser.add_argument("--group", default="core", choices=sorted(GROUPS),
+                        help="which comparison: its settings and default --out (default %(default)s)")
+    parser.add_argument("--out", default=None, help="where the table and curves go (default: docs/results for "
+                        "core, docs/results/ablations for ablations)")
+    parser.add_argument("--settings", default=None, help="comma-separated, of " + ", ".join(SETTINGS) +
+                        " (default: the group's)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated RL seeds (default %(default)s)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="processes at once: warm starts, then RL runs (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=1, help="processes at once (default %(default)s)")
     parser.add_argument("--train_set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every RL run, e.g. total_steps=3 (repeatable)")
     parser.add_argument("--warm_start_set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for the warm starts, e.g. warm_start.epochs=1 (repeatable)")
     args = parser.parse_args(argv)
-    settings = [s for s in args.settings.split(",") if s]
+    settings = [s for s in (args.settings or ",".join(GROUPS[args.group])).split(",") if s]
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise SystemExit(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if not settings or not seeds or args.jobs < 1:
         raise SystemExit("--settings and --seeds must name at least one each, and --jobs must be >= 1")
+    out_dir = args.out or ("docs/results" if args.group == "core" else os.path.join("docs", "results", args.group))
     root = os.path.abspath(args.root)
     python = sys.executable
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                                                       os.path.join(root, "jax_cache"))}
     defaults = rl_config(settings[0], root)
     total_steps = _override(args.train_set, "total_steps", int(defaults.total_steps))
     eval_questions = _override(args.train_set, "eval_questions", int(defaults.eval_questions))
     started = time.perf_counter()
     failures = {}
+    print_lock = threading.Lock()
 
-    # -- 1. warm starts -------------------------------------------------------------------------------------
-    def warm_start(kind):
-        workdir = os.path.join(root, f"warm_{kind}")
-        summary = os.path.join(workdir, "warm_start", "summary.json")
-        seconds = None
-        if not os.path.exists(summary):
-            print(f"[repro] warm start {kind} -> {workdir} (log: {workdir}/log.txt)", flush=True)
-            ok, seconds = _run([python, "launch/warm_start.py", f"--config=configs/repro/warm_start.py:{kind}",
-                                f"--workdir={workdir}", *_parse_set(args.warm_start_set)],
-                               os.path.join(workdir, "log.txt"))
-            if not ok:
-                raise RuntimeError(f"warm start {kind} failed; see {workdir}/log.txt:\n"
-                                   f"{_tail(os.path.join(workdir, 'log.txt'))}")
-        with open(summary, encoding="utf-8") as f:
-            result = json.load(f)
-        acc = result["final"].get("greedy/accuracy")
-        print(f"[repro] warm start {kind}: held-out accuracy {acc}"
-              + (f" ({seconds / 60:.1f} min)" if seconds else " (reused)"), flush=True)
-        return result
+    def say(message):
+        with print_lock:
+            print(f"[repro] {message}", flush=True)
 
-    kinds = list(dict.fromkeys(WARM_START_OF[s] for s in settings))
-    with ThreadPoolExecutor(args.jobs) as pool:  # every setting needs its warm start: stop at the first failure
-        try:
-            warm = dict(zip(kinds, pool.map(warm_start, kinds)))
-        except RuntimeError as e:
-            raise SystemExit(f"[repro] {e}") from None
+    def run_logged(cmd, log_path):
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        t0 = time.perf_counter()
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
+        return code == 0, time.perf_counter() - t0
 
     def failure_analysis(setting, workdir, output, initial):
         """Where greedy held-out episodes fail (launch/evaluate.py --failures) -> output; reused when present."""
@@ -130,83 +115,116 @@ def main(argv=None):
             cmd = [python, "launch/evaluate.py", f"--config=configs/repro/{setting}.py:{root}", f"--workdir={workdir}",
                    "--failures", "--pass_k=0", f"--num_questions={eval_questions}", f"--output={output}",
                    *_parse_set(args.train_set)]
-            ok, _ = _run(cmd + (["--initial"] if initial else []), os.path.join(workdir, "log.txt"))
+            ok, _ = run_logged(cmd + (["--initial"] if initial else []), os.path.join(workdir, "log.txt"))
             if not ok:
                 raise RuntimeError(f"the failure analysis exited with an error; see {workdir}/log.txt")
         with open(output, encoding="utf-8") as f:
             return json.load(f)
 
-    # Where the warm-started agents fail, once per kind (with the first setting of that kind's config).
-    start_failures = {}
-    for kind in kinds:
-        setting = next(s for s in settings if WARM_START_OF[s] == kind)
-        workdir = os.path.join(root, f"warm_{kind}", "eval")
-        result = failure_analysis(setting, workdir, os.path.join(workdir, "failures.json"), initial=True)
-        for s in settings:
-            if WARM_START_OF[s] == kind:
-                start_failures[s] = {k: v for k, v in result.items() if k.startswith("failures/")}
+    # -- 1. warm starts (and where the warm-started agents fail) ---------------------------------------------
+    def warm_start(kind):
+        workdir = os.path.join(root, f"warm_{kind}")
+        summary = os.path.join(workdir, "warm_start", "summary.json")
+        seconds = None
+        if not os.path.exists(summary):
+            say(f"warm start {kind} -> {workdir} (log: {workdir}/log.txt)")
+            ok, seconds = run_logged([python, "launch/warm_start.py", f"--config=configs/repro/warm_start.py:{kind}",
+                                      f"--workdir={workdir}", *_parse_set(args.warm_start_set)],
+                                     os.path.join(workdir, "log.txt"))
+            if not ok:
+                raise RuntimeError(f"warm start {kind} failed; see {workdir}/log.txt:\n"
+                                   f"{_tail(os.path.join(workdir, 'log.txt'))}")
+        with open(summary, encoding="utf-8") as f:
+            result = json.load(f)
+        say(f"warm start {kind}: held-out accuracy {result['final'].get('greedy/accuracy')}"
+            + (f" ({seconds / 60:.1f} min)" if seconds else " (reused)"))
+        setting = next(s for s in settings if WARM_START_OF[s] == kind)  # any setting of this kind: same agents
+        eval_dir = os.path.join(workdir, "eval")
+        analysis = failure_analysis(setting, eval_dir, os.path.join(eval_dir, "failures.json"), initial=True)
+        result["failures"] = {k: v for k, v in analysis.items() if k.startswith("failures/")}
+        return result
 
-    # -- 2. RL runs -----------------------------------------------------------------------------------------
-    def analysed(summary, workdir):
-        result = failure_analysis(summary.setting, workdir, os.path.join(workdir, "failures.json"), initial=False)
-        summary.failures = {k: v for k, v in result.items() if k.startswith("failures/")}
-        if abs(result["greedy/accuracy"] - summary.held_out_accuracy) > 1e-9:  # greedy decoding: must agree
-            print(f"[repro] WARNING {workdir}: the failure analysis' greedy accuracy {result['greedy/accuracy']} "
-                  f"differs from the run's final evaluation {summary.held_out_accuracy}", flush=True)
-        return summary
-
-    def run(setting, seed):
+    # -- 2. RL runs -------------------------------------------------------------------------------------------
+    def run(setting, seed, warm_future):
+        warm_future.result()  # raises when the warm start failed
         workdir = os.path.join(root, setting, f"seed{seed}")
         timing = os.path.join(workdir, "wall_s.json")
         try:
             summary = summarize_run(workdir, setting, seed, total_steps=total_steps)
             with open(timing, encoding="utf-8") as f:
                 summary.wall_s = json.load(f)["wall_s"]
-            return analysed(summary, workdir), "reused"
+            how = "reused"
         except (OSError, ValueError, KeyError):
-            pass
-        ok, seconds = _run([python, "launch/train.py", f"--config=configs/repro/{setting}.py:{root}",
-                            f"--workdir={workdir}", f"--config.seed={seed}", *_parse_set(args.train_set)],
-                           os.path.join(workdir, "log.txt"))
-        if not ok:
-            raise RuntimeError(f"exited with an error; see {workdir}/log.txt")
-        with open(timing, "w", encoding="utf-8") as f:
-            json.dump({"wall_s": seconds}, f)
-        summary = summarize_run(workdir, setting, seed, total_steps=total_steps, wall_s=seconds)
-        return analysed(summary, workdir), f"{seconds / 60:.1f} min"
+            say(f"{setting} seed {seed} -> {workdir}")
+            ok, seconds = run_logged([python, "launch/train.py", f"--config=configs/repro/{setting}.py:{root}",
+                                      f"--workdir={workdir}", f"--config.seed={seed}", *_parse_set(args.train_set)],
+                                     os.path.join(workdir, "log.txt"))
+            if not ok:
+                raise RuntimeError(f"exited with an error; see {workdir}/log.txt")
+            with open(timing, "w", encoding="utf-8") as f:
+                json.dump({"wall_s": seconds}, f)
+            summary = summarize_run(workdir, setting, seed, total_steps=total_steps, wall_s=seconds)
+            how = f"{seconds / 60:.1f} min"
+        result = failure_analysis(setting, workdir, os.path.join(workdir, "failures.json"), initial=False)
+        summary.failures = {k: v for k, v in result.items() if k.startswith("failures/")}
+        if abs(result["greedy/accuracy"] - summary.held_out_accuracy) > 1e-9:  # greedy decoding: must agree
+            say(f"WARNING {workdir}: the failure analysis' greedy accuracy {result['greedy/accuracy']} differs from "
+                f"the run's final evaluation {summary.held_out_accuracy}")
+        return summary, how
 
-    runs = []
-    jobs = [(setting, seed) for seed in seeds for setting in settings]  # seed-major: every setting early
+    kinds = list(dict.fromkeys(WARM_START_OF[s] for s in settings))
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run, *job): job for job in jobs}
+        warm: dict[str, Future] = {kind: pool.submit(warm_start, kind) for kind in kinds}
+        # The runs of the first warm starts first (they are ready first), seed-major within a warm start.
+        jobs = [(setting, seed) for kind in kinds for seed in seeds for setting in settings
+                if WARM_START_OF[setting] == kind]
+        futures = {pool.submit(run, setting, seed, warm[WARM_START_OF[setting]]): (setting, seed)
+                   for setting, seed in jobs}
+        runs = []
         for future, (setting, seed) in futures.items():
             try:
                 summary, how = future.result()
             except (RuntimeError, OSError, ValueError) as e:
                 failures[f"{setting} seed {seed}"] = str(e)
-                print(f"[repro] {setting} seed {seed}: FAILED ({e})", flush=True)
+                say(f"{setting} seed {seed}: FAILED ({e})")
                 continue
             runs.append(summary)
-            print(f"[repro] {setting} seed {seed}: held-out accuracy {summary.held_out_accuracy:.3f}, "
-                  f"reward AUC {summary.reward_auc:.3f} ({how})", flush=True)
+            say(f"{setting} seed {seed}: held-out accuracy {summary.start_accuracy} -> "
+                f"{summary.held_out_accuracy:.3f}, reward AUC {summary.reward_auc:.3f} ({how})")
+        warm_results = {}
+        for kind, future in warm.items():
+            try:
+                warm_results[kind] = future.result()
+            except RuntimeError as e:
+                failures[f"warm start {kind}"] = str(e)
 
-    # -- 3. results -----------------------------------------------------------------------------------------
+    # -- 3. results -------------------------------------------------------------------------------------------
     if not runs:
-        raise SystemExit("[repro] no run finished; nothing to tabulate")
-    start_accuracy = {s: warm[WARM_START_OF[s]]["final"]["greedy/accuracy"] for s in settings}
+        raise SystemExit("[repro] no run finished; nothing to tabulate" +
+                         "".join(f"\n  {k}: {v}" for k, v in failures.items()))
+    start_accuracy = {s: warm_results[WARM_START_OF[s]]["final"]["greedy/accuracy"] for s in settings
+                      if WARM_START_OF[s] in warm_results}
+    start_failures = {s: warm_results[WARM_START_OF[s]]["failures"] for s in settings
+                      if WARM_START_OF[s] in warm_results}
     wall = time.perf_counter() - started
     run_minutes = sum(r.wall_s or 0 for r in runs) / 60
-    warm_minutes = sum(h["history"][-1]["elapsed_s"] for h in warm.values()) / 60
+    warm_minutes = sum(h["history"][-1]["elapsed_s"] for h in warm_results.values()) / 60
     meta = {"command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
             "settings": ", ".join(settings), "seeds": ", ".join(map(str, seeds)),
-            "RL steps per run": total_steps, "RL runs in parallel": args.jobs,
+            "RL steps per run": total_steps, "processes at once": args.jobs,
             "warm starts (minutes, sum)": f"{warm_minutes:.1f}", "RL runs (minutes, sum)": f"{run_minutes:.1f}",
             "this invocation's wall time (minutes; reused runs cost nothing)": f"{wall / 60:.1f}",
             "machine": f"{os.cpu_count()} CPU cores",
             "date": time.strftime("%Y-%m-%d")}
-    paths = write_results(args.out, runs, settings=settings, start_accuracy=start_accuracy, meta=meta,
-                          failures=failures, start_failures=start_failures)
-    print(f"[repro] wrote {', '.join(paths.values())} in {wall / 60:.1f} min", flush=True)
+    warm_meta = {kind: {k: v for k, v in r["final"].items() if k.startswith(("explore/", "greedy/accuracy"))}
+                 for kind, r in warm_results.items()}
+    meta["warm starts (held-out greedy accuracy, room to explore)"] = json.dumps(warm_meta, sort_keys=True)
+    paths = write_results(out_dir, runs, settings=settings, start_accuracy=start_accuracy, meta=meta,
+                          failures=failures, start_failures=start_failures,
+                          notes={s: SETTING_NOTES[s] for s in settings},
+                          title=f"Results: {args.group}" if args.settings is None else "Results",
+                          preamble=PREAMBLE.get(args.group, "") if args.settings is None else "")
+    say(f"wrote {', '.join(paths.values())} in {wall / 60:.1f} min")
     if failures:
         sys.exit(1)
 

@@ -33,15 +33,21 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_logging()
     result = warm_start(flags.FLAGS.config, flags.FLAGS.workdir)
-    print("\nepoch  main_nll  sub_nll  held-out greedy accuracy  format errors  elapsed")
+    nan = float("nan")
+    print("\nepoch  main_nll  sub_nll  main_entropy  sub_entropy  held-out greedy accuracy  format errors  elapsed")
     for h in result.history:
         acc = f"{h['greedy/accuracy']:.3f}" if "greedy/accuracy" in h else "-"
         fmt = f"{h['greedy/format_error_rate']:.3f}" if "greedy/format_error_rate" in h else "-"
-        print(f"{h['epoch']:>5}  {h['main/nll']:8.3f}  {h['sub/nll'] if 'sub/nll' in h else float('nan'):7.3f}  "
-              f"{acc:>25}  {fmt:>13}  {h['elapsed_s']:6.0f}s")
+        print(f"{h['epoch']:>5}  {h.get('main/nll', nan):8.3f}  {h.get('sub/nll', nan):7.3f}  "
+              f"{h.get('main/entropy', nan):12.3f}  {h.get('sub/entropy', nan):11.3f}  {acc:>25}  {fmt:>13}  "
+              f"{h['elapsed_s']:6.0f}s")
     if "greedy/accuracy" in result.final:
         print(f"held-out greedy accuracy: {result.final['greedy/accuracy']:.3f} "
               f"({int(result.final['greedy/num_questions'])} questions)")
+    explore = {k: v for k, v in result.final.items() if k.startswith("explore/")}
+    if explore:
+        print("room to explore (RL questions, sampled with the training samplers): "
+              + ", ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in explore.items()))
     print("warm-started agents: " + ", ".join(f"{role}={path}" for role, path in result.checkpoints.items()))
 
 

@@ -4,7 +4,7 @@ One orbax `CheckpointManager` under `<workdir>/checkpoints/` holds, per step, na
 
     <agent>.params     the agent's parameters (StandardSave: sharded arrays, each process writes its shards)
     <agent>.opt_state  its optimizer state
-    <agent>.meta       JSON: {"version": policy version, "extra": {...}} (e.g. skipped_steps)
+    <agent>.meta       JSON: {"version": policy version, "extra": {...}} (skipped_steps, skipped_empty)
     data               JSON: the data iterator's state (`mgrpo_jax.data.pipeline.QAIterator.get_state`)
     run                JSON: {"agents": [the agents saved at this step], "extra": {...}} (e.g.
                        MGRPOTrainer.step_count, the D_max estimator's state_dict, RNG keys via `rng_to_json`)
@@ -79,16 +79,19 @@ class Restored:
 
 
 def agent_state_of(trainer: Any) -> AgentState:
-    """The AgentState of an `AgentTrainer` (params, opt_state, version, skipped_steps)."""
+    """The AgentState of an `AgentTrainer` (params, opt_state, version, and its RESUMED_COUNTERS)."""
+    counters = getattr(trainer, "RESUMED_COUNTERS", ())
     return AgentState(trainer.params, trainer.opt_state, int(trainer.version),
-                      {"skipped_steps": int(getattr(trainer, "skipped_steps", 0))})
+                      {name: int(getattr(trainer, name)) for name in counters})
 
 
 def load_agent_state(trainer: Any, state: AgentState) -> None:
-    """Puts a restored AgentState into an `AgentTrainer` (the inverse of `agent_state_of`)."""
+    """Puts a restored AgentState into an `AgentTrainer` (the inverse of `agent_state_of`). Counters missing from
+    an older checkpoint keep their value (0 on a fresh trainer)."""
     trainer.params, trainer.opt_state, trainer.version = state.params, state.opt_state, state.version
-    if "skipped_steps" in state.extra:
-        trainer.skipped_steps = int(state.extra["skipped_steps"])
+    for name in getattr(trainer, "RESUMED_COUNTERS", ()):
+        if name in state.extra:
+            setattr(trainer, name, int(state.extra[name]))
 
 
 def rng_to_json(key: jax.Array) -> dict[str, Any]:

@@ -9,7 +9,10 @@ Definitions (stated in the table's header as well):
   reward AUC       the area under the per-step training-reward curve (main agent's mean reward over its Q x K
                    episodes) divided by the number of steps, i.e. the mean training reward over the run. It counts
                    how much reward a setting collected, not only where it ended.
-  held-out acc.    exact-match accuracy of greedy episodes on the held-out questions after the last step.
+  held-out acc.    exact-match accuracy of greedy episodes on the held-out questions after the last step; its
+                   curve is the run's evaluations every `eval_every` steps (step 0: the starting agents).
+  RL-question acc. the same on the first questions RL trains on (train_greedy/...), beside held-out: whether RL
+                   learns its own questions, and whether that carries over.
   spread           the sample standard deviation over seeds, and [min, max].
 """
 from __future__ import annotations
@@ -25,13 +28,15 @@ import numpy as np
 REWARD_KEY = "main/reward_mean"
 TRAIN_ACCURACY_KEY = "main/accuracy"
 HELD_OUT_KEY = "greedy/accuracy"
+RL_QUESTIONS_KEY = "train_greedy/accuracy"
 FORMAT_ERROR_KEY = "greedy/format_error_rate"
 SMOOTHING = 5  # steps in the moving average of the plotted curves
 # Averaged over a run's steps for the diagnostics table: where the learning signal is and what alignment did.
 DIAGNOSTIC_KEYS = ("main/zero_variance_frac", "sub/zero_variance_frac", "main/format_error_rate",
                    "rollout/delegations_per_rollout", "sub/reward_mean", "sub/format_error_rate",
                    "align/duplicated", "align/borrowed", "align/masked", "align/dropped", "main/sampled_entropy",
-                   "sub/sampled_entropy")
+                   "sub/sampled_entropy", "main/clip_frac_low", "main/clip_frac_high", "sub/clip_frac_low",
+                   "sub/clip_frac_high", "main/grad_norm", "sub/grad_norm", "main/skipped_empty", "sub/skipped_empty")
 
 
 @dataclasses.dataclass
@@ -45,6 +50,20 @@ class RunSummary:
     wall_s: float | None = None
     diagnostics: dict[str, float] = dataclasses.field(default_factory=dict)  # DIAGNOSTIC_KEYS' means over steps
     failures: dict[str, float] = dataclasses.field(default_factory=dict)  # evaluation.failure_breakdown at the end
+    held_out_curve: dict[int, float] = dataclasses.field(default_factory=dict)  # step -> greedy accuracy (0: start)
+    rl_curve: dict[int, float] = dataclasses.field(default_factory=dict)  # step -> greedy accuracy, RL questions
+
+    @property
+    def start_accuracy(self) -> float | None:
+        """Held-out greedy accuracy of the starting agents, when the run evaluated them (step 0)."""
+        return self.held_out_curve.get(0)
+
+    @property
+    def rl_accuracy(self) -> tuple[float, float] | None:
+        """(start, end) greedy accuracy on the RL questions, when the run evaluated them at both ends."""
+        if 0 in self.rl_curve and self.steps in self.rl_curve:
+            return self.rl_curve[0], self.rl_curve[self.steps]
+        return None
 
     @property
     def steps(self) -> int:
@@ -105,9 +124,12 @@ def summarize_run(workdir: str, setting: str, seed: int, *, total_steps: int | N
         raise ValueError(f"{path}: no held-out evaluation after the last step {steps[-1]}; the run did not finish")
     diagnostics = {k: float(np.mean([train[s][k] for s in steps])) for k in DIAGNOSTIC_KEYS
                    if all(k in train[s] for s in steps)}
+    curves = {key: {int(e["step"]): float(e[key]) for e in entries if key in e}  # the last entry of a step counts
+              for key in (HELD_OUT_KEY, RL_QUESTIONS_KEY)}
     return RunSummary(setting, int(seed), np.array([train[s][REWARD_KEY] for s in steps], np.float64),
                       np.array([train[s].get(TRAIN_ACCURACY_KEY, np.nan) for s in steps], np.float64),
-                      float(final[HELD_OUT_KEY]), float(final.get(FORMAT_ERROR_KEY, np.nan)), wall_s, diagnostics)
+                      float(final[HELD_OUT_KEY]), float(final.get(FORMAT_ERROR_KEY, np.nan)), wall_s, diagnostics,
+                      held_out_curve=curves[HELD_OUT_KEY], rl_curve=curves[RL_QUESTIONS_KEY])
 
 
 def _spread(values: Sequence[float]) -> dict[str, float]:
@@ -126,9 +148,16 @@ def summarize_settings(runs: Sequence[RunSummary], settings: Sequence[str] | Non
         if not group:
             continue
         tail = [float(r.reward[-max(1, r.steps // 10):].mean()) for r in group]
+        starts = [r.start_accuracy for r in group]
+        rl = [r.rl_accuracy for r in group]
         rows.append({
             "setting": setting, "seeds": sorted(r.seed for r in group), "steps": group[0].steps,
+            "start_accuracy": _spread(starts) if None not in starts else None,
             "held_out_accuracy": _spread([r.held_out_accuracy for r in group]),
+            "held_out_change": (_spread([r.held_out_accuracy - r.start_accuracy for r in group])
+                                if None not in starts else None),
+            "rl_start_accuracy": _spread([a[0] for a in rl]) if None not in rl else None,
+            "rl_accuracy": _spread([a[1] for a in rl]) if None not in rl else None,
             "reward_auc": _spread([r.reward_auc for r in group]),
             "final_reward": _spread(tail),
             "held_out_format_error": _spread([r.held_out_format_error for r in group]),
@@ -146,19 +175,36 @@ def _cell(s: Mapping[str, float], scale: float = 1.0, digits: int = 1) -> str:
             f"[{s['min'] * scale:.{digits}f}, {s['max'] * scale:.{digits}f}]")
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], start_accuracy: Mapping[str, float] | None = None) -> str:
-    """The results table (Markdown): accuracies in %, mean ± sd [min, max] over seeds."""
-    start_accuracy = start_accuracy or {}
-    lines = ["| setting | seeds | held-out acc. at start (%) | held-out acc. at end (%) | change (points) | "
-             "reward AUC | training reward, last 10% of steps | held-out format errors (%) |",
-             "|---|---|---|---|---|---|---|---|"]
+def markdown_table(rows: Sequence[Mapping[str, Any]], start_accuracy: Mapping[str, float] | None = None,
+                   notes: Mapping[str, str] | None = None) -> str:
+    """The results table (Markdown): accuracies in %, mean ± sd [min, max] over seeds. The start is each run's own
+    step-0 evaluation when it made one, else `start_accuracy[setting]` (the warm start's); the change is per
+    seed (end - start) when the runs measured their start. `notes[setting]`: what the setting matches."""
+    start_accuracy, notes = start_accuracy or {}, notes or {}
+    rl = any(r.get("rl_accuracy") for r in rows)
+    head = ["setting"] + (["matches"] if notes else []) + ["seeds", "held-out acc. at start (%)",
+                                                         "held-out acc. at end (%)", "change (points)"]
+    head += ["RL-question acc. start → end (%)"] if rl else []
+    head += ["reward AUC", "training reward, last 10% of steps", "held-out format errors (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        start = start_accuracy.get(r["setting"])
         acc = r["held_out_accuracy"]
-        change = "-" if start is None else f"{100 * (acc['mean'] - start):+.1f}"
-        lines.append(f"| {r['setting']} | {len(r['seeds'])} | {'-' if start is None else f'{100 * start:.1f}'} | "
-                     f"{_cell(acc, 100)} | {change} | {_cell(r['reward_auc'], digits=3)} | "
-                     f"{_cell(r['final_reward'], digits=3)} | {_cell(r['held_out_format_error'], 100)} |")
+        if r.get("start_accuracy"):
+            start = f"{100 * r['start_accuracy']['mean']:.1f}"
+            change = (f"{100 * r['held_out_change']['mean']:+.1f} ± {100 * r['held_out_change']['std']:.1f}")
+        elif r["setting"] in start_accuracy:
+            start = f"{100 * start_accuracy[r['setting']]:.1f}"
+            change = f"{100 * (acc['mean'] - start_accuracy[r['setting']]):+.1f}"
+        else:
+            start = change = "-"
+        cells = [r["setting"]] + ([notes.get(r["setting"], "")] if notes else [])
+        cells += [str(len(r["seeds"])), start, _cell(acc, 100), change]
+        if rl:
+            cells.append(f"{100 * r['rl_start_accuracy']['mean']:.1f} → {_cell(r['rl_accuracy'], 100)}"
+                         if r.get("rl_accuracy") else "-")
+        cells += [_cell(r["reward_auc"], digits=3), _cell(r["final_reward"], digits=3),
+                  _cell(r["held_out_format_error"], 100)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -242,12 +288,51 @@ def plot_curves(path: str, runs: Sequence[RunSummary], settings: Sequence[str] |
     plt.close(fig)
 
 
+def plot_accuracy_curves(path: str, runs: Sequence[RunSummary], settings: Sequence[str] | None = None,
+                         title: str = "") -> None:
+    """PNG: greedy accuracy at each evaluation step, held-out (solid) and RL questions (dashed, when evaluated);
+    line = mean over seeds, band = min..max over seeds, at the steps every seed of the setting evaluated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = list(settings) if settings is not None else list(dict.fromkeys(r.setting for r in runs))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, setting in enumerate(s for s in order if any(r.setting == s for r in runs)):
+        group = [r for r in runs if r.setting == setting]
+        color = colors[i % len(colors)]
+        for curve_of, style, label in ((lambda r: r.held_out_curve, "-", "held-out"),
+                                       (lambda r: r.rl_curve, "--", "RL questions")):
+            steps = sorted(set.intersection(*(set(curve_of(r)) for r in group)))
+            if len(steps) < 2:
+                continue
+            values = np.array([[curve_of(r)[t] * 100 for t in steps] for r in group])
+            ax.plot(steps, values.mean(0), style, color=color, marker="o", markersize=3,
+                    label=f"{setting}, {label} ({len(group)} seeds)")
+            ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.12, linewidth=0)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("greedy accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_results(out_dir: str, runs: Sequence[RunSummary], *, settings: Sequence[str] | None = None,
                   start_accuracy: Mapping[str, float] | None = None, meta: Mapping[str, Any] | None = None,
                   failures: Mapping[str, str] | None = None,
-                  start_failures: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, str]:
-    """Writes out_dir/results.json (every run's curves and the per-setting rows), results.md (the table, the
-    definitions and `meta`) and reward_curves.png. Returns {kind: path}."""
+                  start_failures: Mapping[str, Mapping[str, float]] | None = None,
+                  notes: Mapping[str, str] | None = None, title: str = "Results",
+                  preamble: str = "") -> dict[str, str]:
+    """Writes out_dir/results.json (every run's curves and the per-setting rows), results.md (`preamble`, the
+    table, the definitions and `meta`), reward_curves.png and, when the runs evaluated during training,
+    accuracy_curves.png. `notes[setting]`: what the setting matches (a table column). Returns {kind: path}."""
     if not runs:
         raise ValueError("write_results got no finished runs")
     os.makedirs(out_dir, exist_ok=True)
@@ -255,22 +340,33 @@ def write_results(out_dir: str, runs: Sequence[RunSummary], *, settings: Sequenc
     meta = dict(meta or {})
     paths = {"json": os.path.join(out_dir, "results.json"), "markdown": os.path.join(out_dir, "results.md"),
              "plot": os.path.join(out_dir, "reward_curves.png")}
+    curves = any(len(r.held_out_curve) > 1 for r in runs)
+    if curves:
+        paths["accuracy_plot"] = os.path.join(out_dir, "accuracy_curves.png")
     with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "start_accuracy": dict(start_accuracy or {}),
+        json.dump({"meta": meta, "start_accuracy": dict(start_accuracy or {}), "notes": dict(notes or {}),
                    "start_failures": {k: dict(v) for k, v in (start_failures or {}).items()}, "settings": rows,
                    "failures": dict(failures or {}),
                    "runs": [{"setting": r.setting, "seed": r.seed, "held_out_accuracy": r.held_out_accuracy,
                              "held_out_format_error": r.held_out_format_error, "reward_auc": r.reward_auc,
                              "wall_s": r.wall_s, "diagnostics": r.diagnostics, "failures": r.failures,
-                             "reward": r.reward.tolist(),
-                             "train_accuracy": r.train_accuracy.tolist()} for r in runs]}, f, indent=1)
+                             "reward": r.reward.tolist(), "train_accuracy": r.train_accuracy.tolist(),
+                             "held_out_curve": {str(k): v for k, v in sorted(r.held_out_curve.items())},
+                             "rl_curve": {str(k): v for k, v in sorted(r.rl_curve.items())}} for r in runs]},
+                  f, indent=1)
     plot_curves(paths["plot"], runs, settings, start_accuracy)
-    lines = ["# Results", "", markdown_table(rows, start_accuracy), "",
+    if curves:
+        plot_accuracy_curves(paths["accuracy_plot"], runs, settings)
+    lines = [f"# {title}", ""] + ([preamble, ""] if preamble else []) + [
+             markdown_table(rows, start_accuracy, notes), "",
              "Mean ± sample standard deviation [min, max] over seeds. *Reward AUC*: the area under the per-step "
              "training-reward curve divided by the number of steps (the mean training reward of the main agent "
              "over the run). *Held-out accuracy*: exact match of greedy episodes on the held-out questions; *at "
-             "start* is the warm-started agents' (the same for every seed).", "",
-             "![reward curves](reward_curves.png)", "",
+             "start*: the starting (warm-started) agents', measured by each run before its first step; *change*: "
+             "end - start per seed. *RL-question accuracy*: the same on the first questions RL trains on.", ""]
+    if curves:
+        lines += ["![accuracy curves](accuracy_curves.png)", ""]
+    lines += ["![reward curves](reward_curves.png)", "",
              "## Diagnostics (means over steps, then seeds)", "", diagnostics_table(rows), "",
              "*zero_variance_frac*: the fraction of groups whose rewards are all equal (no learning signal). "
              "*align/**: sub-agent slots per step that alignment kept as duplicates, borrowed from sibling "
@@ -282,7 +378,9 @@ def write_results(out_dir: str, runs: Sequence[RunSummary], *, settings: Sequenc
                   "(`launch/evaluate.py --failures`; mgrpo_jax.evaluation.FAILURE_DOC): *wrong_delegation*, a "
                   "delegated sub-question that does not name the hop's subject; *missed_document*, the hop's "
                   "document never read; *wrong_fact*, read but a wrong fact reported; *format*, a malformed "
-                  "episode or a limit. *start*: the warm-started agents; *end*: mean over seeds.", ""]
+                  "episode or a limit. *answered_early*, *wrong_delegation* and *wrong_answer* are the main "
+                  "agent's errors, *missed_document* and *wrong_fact* the sub-agent's (a single agent's own). "
+                  "*start*: the warm-started agents; *end*: mean over seeds.", ""]
     if failures:
         lines += ["## Runs that did not finish", ""] + [f"- {k}: {v}" for k, v in failures.items()] + [""]
     if meta:

@@ -60,7 +60,7 @@ class Evaluator:
         rng = jax.random.key(0) if rng is None else rng
         controller = self._controller(greedy)
         batch = controller.run(list(questions), k, rng)
-        main_r, _, parts = compute_rewards(batch, list(golds), k, self.rewards)
+        main_r, sub_r, _ = compute_rewards(batch, list(golds), k, self.rewards)
         correct = np.array([[batch.main[q * k + j].format_ok and _score(self.rewards, batch.main[q * k + j], golds[q])
                              for j in range(k)] for q in range(len(questions))], bool)
         prefix = "greedy" if greedy else f"pass@{k}"
@@ -72,9 +72,37 @@ class Evaluator:
             f"{prefix}/delegations_per_rollout": float(batch.sub_counts.mean()),
             f"{prefix}/num_questions": float(len(questions)),
         }
+        if not greedy:
+            out.update(exploration_stats(batch, main_r, sub_r, prefix))
         if chains is not None:
             out.update(classify_batch(controller, self.rewards, chains, batch))
         return out
+
+
+def exploration_stats(batch, main_rewards: np.ndarray, sub_rewards: np.ndarray, prefix: str) -> dict[str, float]:
+    """How much a group-relative update could learn from sampled rollouts (the controller's samplers, k per
+    question): `<prefix>/main_zero_variance_frac`, the share of questions whose k main rewards ([Q, k]) are all
+    equal (advantage 0); `<prefix>/sub_zero_variance_frac`, the share of questions with sub-agent episodes whose
+    sub rewards (flat, `batch.sub` order; all rollouts and calls of the question, the `per_query` group) are all
+    equal; `<prefix>/<agent>_sampled_entropy`, the mean -log pi of every sampled token (an unbiased per-token
+    entropy estimate). Alignment only copies or masks rewards within a query's group, so these are the fractions
+    the first RL step sees with `sub_group="per_query"` when no call is dropped (d_k <= D_max)."""
+    main_r = np.asarray(main_rewards, np.float64)
+    out = {f"{prefix}/main_zero_variance_frac": float(np.mean(np.ptp(main_r, axis=1) == 0)),
+           f"{prefix}/main_sampled_entropy": _sampled_entropy(batch.main)}
+    if batch.sub:
+        groups: dict[int, list[float]] = {}
+        for t, r in zip(batch.sub, np.asarray(sub_rewards, np.float64)):
+            groups.setdefault(t.query, []).append(float(r))
+        out[f"{prefix}/sub_zero_variance_frac"] = float(np.mean([np.ptp(v) == 0 for v in groups.values()]))
+        out[f"{prefix}/sub_sampled_entropy"] = _sampled_entropy(batch.sub)
+    return out
+
+
+def _sampled_entropy(trajectories: Sequence[Trajectory]) -> float:
+    """Mean -log pi(a) over the sampled (loss-masked) tokens."""
+    logps = [lp for t in trajectories for lp, m in zip(t.logprobs, t.loss_mask) if m]
+    return float(-np.mean(logps)) if logps else 0.0
 
 
 def _score(rewards: RewardConfig, traj, gold) -> bool:

@@ -91,6 +91,40 @@ def test_settings_rows_hold_mean_sample_std_and_range_over_seeds():
     assert "| b | 1 | - | 30.0 ± 0.0 [30.0, 30.0] | - |" in table
 
 
+def test_curves_of_evaluations_during_training_and_the_per_seed_change(tmp_path):
+    """Evaluations at step 0, every eval_every steps and at the end become the held-out and RL-question curves; the
+    table's start is the runs' own step-0 evaluation and the change is end - start per seed, with its spread."""
+    runs = []
+    for seed, (start, mid, end) in enumerate([(0.25, 0.5, 0.75), (0.25, 0.375, 0.5)]):
+        workdir = str(tmp_path / f"seed{seed}")
+        _write_metrics(workdir, [{"step": 0, "greedy/accuracy": start, "train_greedy/accuracy": 0.5},
+                                 _step(1, 0.1), _step(2, 0.2),
+                                 {"step": 2, "greedy/accuracy": mid, "train_greedy/accuracy": 0.625},
+                                 {**_step(2, 0.3), "greedy/accuracy": mid, "train_greedy/accuracy": 0.625},  # resumed
+                                 _step(3, 0.4), _step(4, 0.5),
+                                 {"step": 4, "greedy/accuracy": end, "greedy/format_error_rate": 0.0,
+                                  "train_greedy/accuracy": 0.75 + 0.125 * seed}])
+        runs.append(summarize_run(workdir, "co_train", seed, total_steps=4))
+    assert runs[0].held_out_curve == {0: 0.25, 2: 0.5, 4: 0.75} and runs[0].start_accuracy == 0.25
+    assert runs[1].rl_curve == {0: 0.5, 2: 0.625, 4: 0.875} and runs[1].rl_accuracy == (0.5, 0.875)
+    np.testing.assert_allclose(runs[0].reward, [0.1, 0.3, 0.4, 0.5])  # the resumed step's entry counts
+    row = summarize_settings(runs)[0]
+    changes = np.array([0.5, 0.25])
+    assert row["held_out_change"] == pytest.approx({"mean": changes.mean(), "std": changes.std(ddof=1),
+                                                    "min": 0.25, "max": 0.5})
+    table = markdown_table([row], {"co_train": 0.9}, notes={"co_train": "both agents"})  # the runs' start wins
+    assert "| co_train | both agents | 2 | 25.0 | 62.5 ± 17.7 [50.0, 75.0] | +37.5 ± 17.7 | 50.0 → 81.2 ± 8.8" \
+        in table
+    paths = write_results(str(tmp_path / "out"), runs, notes={"co_train": "both agents"}, preamble="Why.")
+    with open(paths["accuracy_plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(paths["markdown"], encoding="utf-8") as f:
+        text = f.read()
+    assert "Why." in text and "![accuracy curves](accuracy_curves.png)" in text
+    with open(paths["json"], encoding="utf-8") as f:
+        assert json.load(f)["runs"][1]["held_out_curve"] == {"0": 0.25, "2": 0.375, "4": 0.5}
+
+
 def test_smoothing_is_a_trailing_moving_average():
     curve = np.array([1.0, 3.0, 2.0, 8.0, 0.0, 4.0])
     expected = [np.mean(curve[max(0, i - 2):i + 1]) for i in range(len(curve))]
@@ -126,12 +160,15 @@ def test_write_results_writes_the_table_the_curves_and_every_run(tmp_path):
 
 def test_repro_command_end_to_end_on_a_tiny_budget(tmp_path):
     """launch/repro.py as the README runs it, shrunk: both warm-start kinds it needs (multi-agent, single agent),
-    two settings x one seed of RL, the results; then a second invocation reuses every finished run."""
+    two settings x one seed of RL with evaluations at step 0, 1 and 2, the results; then a second invocation
+    reuses every finished run."""
     root, out = str(tmp_path / "repro"), str(tmp_path / "results")
-    common = ["warm_start.max_questions=24", "eval_questions=4", "task.num_entities=40", "task.num_questions=80"]
+    common = ["eval_questions=4", "task.num_entities=40", "task.num_questions=80"]
     cmd = [sys.executable, "launch/repro.py", f"--root={root}", f"--out={out}", "--settings=co_train,single_agent",
-           "--seeds=0", "--warm_start_set=warm_start.epochs=1", "--train_set=total_steps=2",
-           "--train_set=task.skip_train_questions=24"]
+           "--seeds=0", "--warm_start_set=warm_start.epochs=1", "--warm_start_set=warm_start.explore_questions=4",
+           "--warm_start_set=warm_start.explore_k=2",
+           "--warm_start_set=warm_start.questions_per_epoch=24", "--train_set=total_steps=2",
+           "--train_set=eval_every=1", "--train_set=eval_train_questions=3"]
     for pair in common:
         cmd += [f"--warm_start_set={pair}", f"--train_set={pair}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -139,15 +176,33 @@ def test_repro_command_end_to_end_on_a_tiny_budget(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for kind in ("multi", "single"):
         assert os.path.exists(os.path.join(root, f"warm_{kind}", "warm_start", "main", "config.json"))
+        with open(os.path.join(root, f"warm_{kind}", "warm_start", "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+        assert summary["demonstrations"]["questions"] == 24  # the epoch's sample of the warm start's questions
+        assert summary["final"]["explore/k"] == 2  # pass@2 (explore/accuracy) and the zero-variance groups of 2
+        assert {"explore/accuracy", "explore/main_zero_variance_frac"} <= set(summary["final"])
     assert not os.path.exists(os.path.join(root, "warm_shared"))  # no setting needed it
+    assert os.listdir(os.path.join(root, "jax_cache"))  # the runs shared one compilation cache
+    with open(os.path.join(root, "warm_multi", "data", "warm_start.jsonl"), encoding="utf-8") as f:
+        warm_heads = {json.loads(line)["metadata"]["head"] for line in f}
+    for split in ("train", "heldout"):  # RL and evaluation ask about heads the warm start never demonstrated
+        with open(os.path.join(root, "warm_multi", "data", f"{split}.jsonl"), encoding="utf-8") as f:
+            assert not warm_heads & {json.loads(line)["metadata"]["head"] for line in f}
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         data = json.load(f)
     assert sorted((r["setting"], r["seed"], len(r["reward"])) for r in data["runs"]) == \
         [("co_train", 0, 2), ("single_agent", 0, 2)]
     for r in data["runs"]:  # the failure analysis re-ran the final greedy evaluation: the same episodes
         assert r["failures"]["failures/correct"] == pytest.approx(r["held_out_accuracy"])
+        assert sorted(r["held_out_curve"]) == sorted(r["rl_curve"]) == ["0", "1", "2"]
+        assert r["held_out_curve"]["2"] == r["held_out_accuracy"]
+        # step 0 evaluates the warm-started agents: the warm start's own final evaluation
+        with open(os.path.join(root, f"warm_{'single' if r['setting'] == 'single_agent' else 'multi'}",
+                               "warm_start", "summary.json"), encoding="utf-8") as f:
+            assert r["held_out_curve"]["0"] == pytest.approx(json.load(f)["final"]["greedy/accuracy"])
     assert set(data["start_failures"]) == {"co_train", "single_agent"}
-    assert os.path.getsize(os.path.join(out, "reward_curves.png")) > 0
+    for name in ("reward_curves.png", "accuracy_curves.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("(reused)") == 4 and "WARNING" not in again.stdout, \
         again.stdout

@@ -4,6 +4,7 @@ import importlib
 import os
 
 import pytest
+from ml_collections import ConfigDict
 
 from mgrpo_jax.experiment import make, pack_length, to_dict
 from mgrpo_jax.rollout.controller import ControllerConfig
@@ -50,25 +51,62 @@ def test_preset_sections_validate(name):
 
 def test_repro_settings_share_one_budget_and_start_from_their_warm_start():
     """The comparisons differ only in what they compare: same RL budget, data, optimizer and eval; each starts
-    from the warm start of its kind and trains on the questions that warm start did not demonstrate."""
+    from the warm start of its kind, on the task that warm start was trained on, and RL trains on the heads that
+    its demonstrations never started from (the three-way split)."""
     from configs.repro import common, warm_start
 
-    configs = {s: importlib.import_module(f"configs.repro.{s}").get_config("/r") for s in REPRO_SETTINGS}
-    assert set(configs) == set(common.WARM_START_OF)
+    configs = {s: importlib.import_module(f"configs.repro.{s}").get_config("/r") for s in common.SETTINGS}
+    assert set(configs) == set(common.WARM_START_OF) == set(common.SETTING_NOTES)
+    assert all(set(group) <= set(common.SETTINGS) for group in common.GROUPS.values())
+    # pack_len is layout (rows sized to each kind's context), not what the loss computes.
+    loss = lambda c: {k: v for k, v in to_dict(c.agents.main.loss).items() if k != "pack_len"}  # noqa: E731
     same = lambda c: (c.total_steps, c.mgrpo.num_queries, c.mgrpo.num_rollouts, c.eval_questions,  # noqa: E731
-                      c.task.to_dict(), to_dict(c.agents.main.optimizer), to_dict(c.agents.main.loss),
-                      to_dict(c.mgrpo.rewards), c.controller.max_observation_tokens)
+                      c.eval_every, c.eval_train_questions, c.task.to_dict(), to_dict(c.agents.main.optimizer),
+                      loss(c), to_dict(c.mgrpo.rewards), c.controller.max_observation_tokens)
     assert len({repr(same(c)) for c in configs.values()}) == 1
+    any_config = configs["co_train"]
+    assert any_config.task.rl_fraction > 0 and not any_config.task.skip_train_questions
+    assert 0 < any_config.eval_every < any_config.total_steps and any_config.eval_train_questions > 0
     for setting, c in configs.items():
         kind = common.WARM_START_OF[setting]
         assert c.agents.main.checkpoint == f"/r/warm_{kind}/warm_start/main" == c.tokenizer.path
-        assert c.task.skip_train_questions == c.warm_start.max_questions > 0
         ws = warm_start.get_config(kind)
         assert not ws.agents.main.checkpoint and ws.mode == common.WARM_START_MODE[kind]
         assert to_dict(ws.controller) == to_dict(c.controller) and to_dict(ws.agents.main.model) == \
-            to_dict(c.agents.main.model) and ws.task.to_dict() == {**c.task.to_dict(), "skip_train_questions": 0}
-    assert configs["co_train"].mode == configs["co_train_no_alignment"].mode == "co_train"
+            to_dict(c.agents.main.model) and ws.task.to_dict() == c.task.to_dict()
+        assert ws.warm_start.explore_k == c.mgrpo.num_rollouts  # the room it reports is RL's groups'
+    assert {s: c.mode for s, c in configs.items()} == {
+        "co_train": "co_train", "co_train_no_alignment": "co_train", "main_only": "main_only",
+        "single_agent": "single_agent", "shared_model": "shared_model", "bottleneck_co_train": "co_train",
+        "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent"}
     assert configs["co_train"].mgrpo.alignment.pad_mode == "duplicate"
     assert configs["co_train_no_alignment"].mgrpo.alignment.pad_mode == "mask"
     assert not configs["co_train_no_alignment"].mgrpo.alignment.fill_empty_from_siblings
     assert configs["main_only"].agents.sub.checkpoint == "/r/warm_multi/warm_start/sub"
+    assert configs["bottleneck_main_only"].agents.sub.checkpoint == "/r/warm_weak_sub/warm_start/sub"
+    # The bottleneck warm starts differ from the core ones only in which teacher takes the shortcuts.
+    for core, bottleneck in (("multi", "weak_sub"), ("single", "single_weak_sub")):
+        core, weak = to_dict(warm_start.get_config(core)), to_dict(warm_start.get_config(bottleneck))
+        assert core["warm_start"]["shortcuts"] == {"main": common.SHORTCUT, "sub": 0.0}
+        assert weak["warm_start"]["shortcuts"] == {"main": 0.0, "sub": common.SHORTCUT}
+        weak["warm_start"]["shortcuts"] = core["warm_start"]["shortcuts"]
+        assert weak == core
+
+
+def _parameters(model_cfg, vocab=1024):
+    import jax
+    from flax import nnx
+
+    from mgrpo_jax.experiment import _model_config
+    from mgrpo_jax.models import init_model
+
+    cfg = _model_config(ConfigDict({"model": model_cfg}), vocab, "agents")
+    return sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param)))
+
+
+def test_repro_single_agent_has_as_many_parameters_as_main_and_sub_together():
+    from configs.repro import common
+
+    multi, single = common.warm_start_config("multi"), common.warm_start_config("single")
+    both = _parameters(multi.agents.main.model) + _parameters(multi.agents.sub.model)
+    assert abs(_parameters(single.agents.main.model) / both - 1) < 0.02

@@ -177,6 +177,29 @@ def test_split_is_disjoint_and_complete(questions, group_by):
         synthetic.split_questions(questions + questions[:1], 0.25)
 
 
+def test_three_way_split_shares_no_head_and_keeps_the_two_way_held_out_side(questions):
+    warm, rl, held = synthetic.split_questions_three_ways(questions, 0.3, 0.2, seed=4)
+    heads = [{q.chain[0].subject for q in side} for side in (warm, rl, held)]
+    assert not heads[0] & heads[1] and not heads[0] & heads[2] and not heads[1] & heads[2]
+    assert sorted(q.qid for q in warm + rl + held) == sorted(q.qid for q in questions)
+    assert held == synthetic.split_questions(questions, 0.2, seed=4)[1]  # the same evaluation questions
+    assert len(rl) >= 0.3 * len(questions) and warm
+    # Whole head groups, stopped at the first boundary past the target: without its largest head RL falls short.
+    largest = max(collections.Counter(q.chain[0].subject for q in rl).values())
+    assert len(rl) - largest < 0.3 * len(questions)
+    order = {q.qid: i for i, q in enumerate(questions)}
+    for side in (warm, rl, held):
+        assert [order[q.qid] for q in side] == sorted(order[q.qid] for q in side)  # input order kept
+    assert (warm, rl, held) == synthetic.split_questions_three_ways(questions, 0.3, 0.2, seed=4)
+    assert rl != synthetic.split_questions_three_ways(questions, 0.3, 0.2, seed=5)[1]
+    with pytest.raises(ValueError, match="must be < 1"):
+        synthetic.split_questions_three_ways(questions, 0.5, 0.5)
+    with pytest.raises(ValueError, match="rl_fraction must be in"):
+        synthetic.split_questions_three_ways(questions, 0.0, 0.2)
+    with pytest.raises(ValueError, match="left a side empty"):
+        synthetic.split_questions_three_ways(questions, 0.79, 0.2)
+
+
 def test_argument_errors(world):
     with pytest.raises(ValueError, match="num_entities"):
         synthetic.generate_world(0, num_entities=5)

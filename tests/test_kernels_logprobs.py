@@ -307,6 +307,8 @@ def test_first_epoch_ratio_is_one_under_top_k_and_top_p(top_k, top_p):
         full_ratios.append(np.exp(full[i, new] - sample.logprobs))
     ratios, full_ratios = np.concatenate(ratios), np.concatenate(full_ratios)
     assert ratios.size == 4 * 12
-    np.testing.assert_allclose(ratios, 1.0, atol=1e-5)
+    # The sampler's cached, scanned decode and this one full forward sum in different orders: with logits scaled
+    # up 8x, float32 noise reaches ~1.5e-5 nats. The bug this guards against is a ratio of 0.15-0.5.
+    np.testing.assert_allclose(ratios, 1.0, atol=1e-4)
     # The test can fail: scoring under the full softmax (the old trainer) is far from 1 on these samples.
     assert np.mean(full_ratios) < 0.9

@@ -381,7 +381,10 @@ def test_sub_records_from_rollouts():
                           [0.0] * 4 + [-0.5] * 8, [(4, 12)], "x", "result", None, version)
 
     subs = [traj(0, 0, 0, 3), traj(0, 0, 1, 3), traj(0, 2, 0, 2)]
-    batch = RolloutBatch(main=[], sub=subs, sub_counts=np.array([[2, 0, 1], [0, 0, 0]]), stats={})
+    # Main trajectories in flat (query, rollout) order; rollout (0, 2) met one tool outage.
+    mains = [Trajectory("main", q, k, -1, 4, [1] * 6, [0] * 6, [0.0] * 6, [], "x", "answer", None, 3,
+                        infra_failures=int((q, k) == (0, 2))) for q in range(2) for k in range(3)]
+    batch = RolloutBatch(main=mains, sub=subs, sub_counts=np.array([[2, 0, 1], [0, 0, 0]]), stats={})
     main_r = np.array([[1.1, 0.0, 0.1], [0.0, 0.0, 0.0]], np.float32)
     groups = groups_from_rollouts("run", 7, batch, np.array([1.0, 0.5, 0.1]), main_r,
                                   np.array([[1.0, 0, 0], [0, 0, 0]]), sub_policy_version=3)
@@ -390,6 +393,7 @@ def test_sub_records_from_rollouts():
     r_m0, r_m2 = float(np.float32(1.1)), float(np.float32(0.1))  # R_M of rollouts 0 and 2 (float32 in)
     assert [(r.rollout, r.call, r.reward, r.main_reward, r.main_correct) for r in g0.records] == [
         (0, 0, 1.0, r_m0, 1.0), (0, 1, 0.5, r_m0, 1.0), (2, 0, 0.1, r_m2, 0.0)]
+    assert [r.infra_failures for r in g0.records] == [0, 0, 1]  # a sub record inherits its rollout's outage
     assert g1.records == [] and g1.sub_counts.tolist() == [0, 0, 0] and g1.policy_version == 3
     back = decode_group(encode_group(g0)).records[1].to_trajectory()
     for f in ("agent", "query", "rollout", "call", "prompt_len", "tokens", "loss_mask", "logprobs", "turns",

@@ -16,7 +16,7 @@ from mgrpo_jax.models import ModelConfig, init_model
 from mgrpo_jax.rollout.controller import Trajectory
 from mgrpo_jax.rollout.sampler import Sampler, SamplerConfig
 from mgrpo_jax.sharding import born_sharded, make_agent_meshes
-from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig, build_update_programs
+from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig
 from mgrpo_jax.train.batch import Segment, pack
 
 V = 48
@@ -93,7 +93,7 @@ def _reference_loss(params, graphdef, segments, cfg: LossConfig, max_len_norm):
     return total / denom
 
 
-@settings(max_examples=5)
+@settings(max_examples=4)
 @given(seed=st.integers(0, 2**16), agg=st.sampled_from(AGG_MODES), rows=st.sampled_from([1, 2, 4]))
 def test_packed_update_equals_the_unpacked_update(seed, agg, rows):
     """Packing changes the layout only: loss, gradients and parameters after one step equal those of one row per
@@ -112,17 +112,19 @@ def test_packed_update_equals_the_unpacked_update(seed, agg, rows):
     packed_segments = [segments[0], merged] + segments[2:]
 
     params0 = jax.tree.map(jnp.copy, agent.params)
-    want_loss, want_grads = jax.value_and_grad(_reference_loss)(params0, agent.graphdef, reference_segments, cfg,
-                                                                 ROW_LEN)
+    # Jitted (the segments are closed over as constants): op by op, the scanned layers cost minutes of dispatch.
+    reference = jax.jit(jax.value_and_grad(
+        lambda p: _reference_loss(p, agent.graphdef, reference_segments, cfg, ROW_LEN)))
+    want_loss, want_grads = reference(params0)
     batch = agent.pack(packed_segments)
     assert batch.skipped_segments == 1 and batch.denominator_offset > 0
     assert batch.num_micro_batches * rows * ROW_LEN == batch.arrays["tokens"].size
 
-    # Gradients: the accumulate program over the micro-batches, divided by the whole batch's denominator.
-    programs = build_update_programs(agent.graphdef, agent.tx, agent.loss_config)
-    acc = programs.zero_acc(params0, next(batch.micro_batches()))
+    # Gradients: the trainer's own compiled accumulate program (so update() below reuses it) over the
+    # micro-batches, divided by the whole batch's denominator.
+    acc = agent._zero_acc(params0, next(batch.micro_batches()))
     for micro in batch.micro_batches():
-        acc = programs.accumulate(params0, acc, micro)
+        acc = agent._accumulate(params0, acc, micro)
     denom = acc["denominator"] + batch.denominator_offset
     np.testing.assert_allclose(float(acc["total"] / denom), float(want_loss), rtol=2e-5, atol=1e-6)
     for got, want in zip(jax.tree.leaves(acc["grads"]), jax.tree.leaves(want_grads)):
@@ -134,8 +136,10 @@ def test_packed_update_equals_the_unpacked_update(seed, agg, rows):
     want_params = optax.apply_updates(params0, updates)
     metrics = agent.update(batch)
     np.testing.assert_allclose(metrics["loss"], float(want_loss), rtol=2e-5, atol=1e-6)
+    # AdamW's first step is lr * g / (|g| + eps): a gradient of a few eps (1e-8; its float noise already passed
+    # the gradient check above) moves by a noisy fraction of lr = 1e-2, so parameters agree to 1% of lr.
     for got, want in zip(jax.tree.leaves(agent.params), jax.tree.leaves(want_params)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 def test_packing_fills_rows_and_never_crosses_trajectories():

@@ -13,7 +13,7 @@ from mgrpo_jax.rollout.controller import Controller, ControllerConfig, TextCodec
 from mgrpo_jax.rollout.protocol import ProtocolConfig
 from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig, batch_loss
 from mgrpo_jax.train.batch import Segment, pack
-from mgrpo_jax.train.demonstrations import make_demonstrations
+from mgrpo_jax.train.demonstrations import make_demonstrations, shortcut_draw
 from np_reference import token_logprobs as np_token_logprobs
 from rollout_fixtures import ScriptedPolicy, tokenizer, tools, world_and_questions
 
@@ -122,6 +122,103 @@ def test_single_agent_demonstrations_search_and_read_every_hop_then_answer():
         q = questions[traj.query]
         seen = tok.decode(traj.tokens[: traj.turns[-1][0]])
         assert q.answer in seen and all(h.doc_id in seen for h in q.chain)
+
+
+def _single(max_observation_tokens=10_000):
+    tok = tokenizer()
+    unused = ScriptedPolicy(tok, lambda prompt: pytest.fail("the teacher replaces the controller's policy"))
+    config = ControllerConfig(max_observation_tokens=max_observation_tokens, max_main_turns=12, max_main_context=4096)
+    return Controller(config=config, codec=TextCodec(tok, max_observation_tokens), main_policy=unused,
+                      main_protocol=PROTO.single(), tools=ToolSet(tools()))
+
+
+def _titles(observation):
+    """Hit titles of a search observation, sections stripped (read independently of the teacher's regex)."""
+    return [line.split('"')[1].split(" (")[0] for line in observation.splitlines() if line.startswith("Doc ")]
+
+
+def test_shortcut_demonstrations_answer_early_or_report_without_reading():
+    """With shortcuts, each decision point takes the shortcut exactly when its seeded draw says so: the main
+    teacher answers with what it last read instead of delegating the next hop; the sub teacher reports a hit's
+    title instead of reading. Each agent's demonstrations come from episodes whose other agent is clean, and
+    every one passes the grounding checks."""
+    _, questions = world_and_questions()
+    tok = tokenizer()
+    rate, seed = 0.5, 3
+    d = make_demonstrations(_controller(), questions, shortcuts={"main": rate, "sub": rate}, seed=seed)
+    assert not d.dropped and len(d.main) == len(questions) and len(d.sub) == sum(q.hops for q in questions)
+    early = 0
+    for traj in d.main:
+        q = questions[traj.query]
+        acts = _actions(traj, tok)
+        delegated = len(acts) - 1
+        assert acts[:-1] == [("delegate", h.question) for h in q.chain[:delegated]]
+        assert delegated in (q.hops - 1, q.hops)  # one decision point: the last hop
+        if delegated < q.hops:
+            early += 1
+            assert shortcut_draw(seed, "main", q.question, delegated) < rate
+            # what it last read: the previous hop's (clean) result, or the head entity before any delegation
+            assert acts[-1] == ("answer", q.chain[delegated - 1].answer if delegated else q.chain[0].subject)
+        else:
+            assert shortcut_draw(seed, "main", q.question, q.hops - 1) >= rate
+            assert acts[-1] == ("answer", q.answer)
+    reported = 0
+    for traj in d.sub:
+        hop = questions[traj.query].chain[traj.call]
+        acts = _actions(traj, tok)
+        if shortcut_draw(seed, "sub", hop.question, 0) < rate:
+            reported += 1
+            assert [a for a, _ in acts] == ["search", "result"] and acts[-1][1] != hop.answer
+            titles = _titles(tok.decode(traj.tokens[traj.turns[0][1]:traj.turns[1][0]]))
+            assert acts[-1][1] == ([t for t in titles if hop.subject not in t] or titles)[0]
+        else:
+            assert acts[-2:] == [("read", hop.doc_id), ("result", hop.answer)]
+    assert 0 < early < len(d.main) and 0 < reported < len(d.sub)
+    assert d.stats["main_shortcuts"] == early and d.stats["sub_shortcuts"] == reported
+    again = make_demonstrations(_controller(), questions, shortcuts={"main": rate, "sub": rate}, seed=seed)
+    assert [list(t.tokens) for t in again.sub] == [list(t.tokens) for t in d.sub]  # reproducible
+    other = make_demonstrations(_controller(), questions, shortcuts={"main": rate, "sub": rate}, seed=seed + 1)
+    assert [list(t.tokens) for t in other.main] != [list(t.tokens) for t in d.main]  # a fresh draw
+
+    always = make_demonstrations(_controller(), questions, shortcuts={"main": 1.0})
+    for t in always.main:
+        q = questions[t.query]
+        last_read = q.chain[-2].answer if q.hops > 1 else q.chain[0].subject
+        assert _actions(t, tok) == [("delegate", h.question) for h in q.chain[:-1]] + [("answer", last_read)]
+    assert len(always.sub) == sum(q.hops for q in questions) and always.stats["sub_shortcuts"] == 0
+    with pytest.raises(ValueError, match="probabilities in"):
+        make_demonstrations(_controller(), questions, shortcuts={"main": 1.5})
+    with pytest.raises(ValueError, match="probabilities in"):
+        make_demonstrations(_controller(), questions, shortcuts={"judge": 0.5})
+
+
+def test_single_agent_shortcuts_answer_early_or_report_a_title():
+    _, questions = world_and_questions()
+    tok = tokenizer()
+    rate, seed = 0.4, 1
+    d = make_demonstrations(_single(), questions, shortcuts={"main": rate, "sub": rate}, seed=seed)
+    assert not d.dropped and len(d.main) == len(questions)
+    taken = 0
+    for traj in d.main:
+        q = questions[traj.query]
+        acts = _actions(traj, tok)
+        expected = []
+        for i, hop in enumerate(q.chain):  # the teacher's episode, replayed from the draws
+            if i == q.hops - 1 and shortcut_draw(seed, "main", q.question, i) < rate:
+                expected.append(("answer", q.chain[i - 1].answer if i else hop.subject))
+                break
+            expected.append(("search", hop.subject))
+            if shortcut_draw(seed, "sub", q.question, i) < rate:
+                obs = tok.decode(traj.tokens[traj.turns[len(expected) - 1][1]:traj.turns[len(expected)][0]])
+                titles = _titles(obs)
+                expected.append(("answer", ([t for t in titles if hop.subject not in t] or titles)[0]))
+                break
+            expected.append(("read", hop.doc_id))
+        else:
+            expected.append(("answer", q.answer))
+        taken += expected[-1] != ("answer", q.answer)
+        assert acts == expected
+    assert 0 < taken == d.stats["main_shortcuts"] < len(questions)
 
 
 def _tiny_model(vocab, seed=0):

@@ -1,19 +1,34 @@
 """The paper's comparisons at laptop scale (MGRPO.md, last section), shared by the configs in this folder.
 
-Every comparison starts from a warm start (supervised fine-tuning on teacher demonstrations,
-`launch/warm_start.py`) on the first `warm_start.max_questions` training questions of configs/warm_start_tiny.py's
-task, and RL trains on the remaining ones (`task.skip_train_questions`): questions whose answers the agents have
-never been shown. Each setting gets the same RL budget: `TOTAL_STEPS` steps of Q x K main episodes.
+The task (configs/warm_start_tiny.py's world, agents and contexts): a generated world of `ENTITIES` entities and
+`QUESTIONS` 1-2-hop questions, split three ways by head entity (data/task.py, `task.rl_fraction`):
+the warm start demonstrates questions about one set of heads, RL trains on questions about a second set, and
+held-out evaluation asks about a third. RL therefore trains on the distribution it is scored on: heads that the
+warm start never saw, whose names the agents must copy rather than recall.
 
-    warm start   kind     one model per ...             used by
-    multi        co_train  role (main, sub)               co_train, co_train_no_alignment, main_only
-    shared       shared_model  both roles in one model    shared_model
-    single       single_agent  one agent with the tools   single_agent
+The warm start (launch/warm_start.py) is supervised fine-tuning on demonstrations of a mixed-quality teacher
+(train/demonstrations.py): in the core setting, with probability `SHORTCUT` the main teacher answers with what
+it last read instead of delegating the last hop; in the bottleneck setting, the sub teacher instead reports a
+name from the search results without reading, with the same probability. Each epoch draws the shortcuts afresh, so the warm-started agents learn the mixture,
+not which question took the shortcut: on new questions they sample both behaviours, and with a shortcut rate
+above one half greedy decoding mostly takes the shortcut. The shortcuts never earn the reward; RL has to find
+that out, and greedy accuracy rises when it flips the agents' preference. Each setting then gets the same RL budget:
+`TOTAL_STEPS` steps of Q x K main episodes, with greedy evaluation of the held-out questions and of the first
+RL questions every `EVAL_EVERY` steps (the curves) and before the first step.
 
-`launch/repro.py` runs the warm starts, every setting for every seed, and writes docs/results/. The configs take
-the repro root as their argument (`--config configs/repro/co_train.py:runs/repro`); an RL config finds its warm
-start at <root>/warm_<kind>/warm_start/. The launch scripts put the repository root on sys.path, which is how
-these files import this one.
+    warm start     its settings                                       one model per ...
+    multi          co_train, co_train_no_alignment, main_only         role (main, sub)
+    single         single_agent                                       one agent with the tools, as many
+                                                                      parameters as main + sub together
+    shared         shared_model                                       both roles in one model
+    weak_sub       bottleneck_co_train, bottleneck_main_only          role; the sub-agent's teacher, not the
+                                                                      main agent's, takes the shortcuts
+    single_weak_sub  bottleneck_single_agent                          as single, with weak_sub's shortcuts
+
+`launch/repro.py` runs the warm starts, every setting for every seed, and writes docs/results/ (core) and
+docs/results/ablations/. The configs take the repro root as their argument (`--config
+configs/repro/co_train.py:runs/repro`); an RL config finds its warm start at <root>/warm_<kind>/warm_start/. The
+launch scripts put the repository root on sys.path, which is how these files import this one.
 """
 import os
 
@@ -22,11 +37,68 @@ from ml_collections import ConfigDict
 from configs import warm_start_tiny
 
 DEFAULT_ROOT = "runs/repro"
-TOTAL_STEPS = 30
-QUERIES_PER_STEP = 8  # Q; with K = 4 rollouts each, 32 main episodes per step and 960 per run
+
+# -- the task ----------------------------------------------------------------------------------------------------
+# warm_start_tiny's world (250 entities, 1500 questions; a 1000-entity world with a fresh sample of questions each
+# epoch reached 1.6% held-out accuracy in the same SFT budget: the tiny agents recall names they were shown in
+# any role, they barely copy unfamiliar ones), split three ways by head entity.
+ENTITIES = 250
+QUESTIONS = 1500
+HELD_OUT_FRACTION = 0.15  # of the questions (by head entity): ~230 held-out questions, 128 evaluated
+RL_FRACTION = 0.25  # ~375 RL questions; the rest (~900) are the warm start's
+
+# -- the warm start ----------------------------------------------------------------------------------------------
+QUESTIONS_PER_EPOCH = 0  # every warm-start question, every epoch
+SHORTCUT = 0.6  # the weak agent's teacher's shortcut rate: above one half, greedy decoding takes the shortcut
+# Which teacher takes shortcuts: the main agent's in the core setting (the sub-agent is a competent specialist),
+# the sub-agent's in the bottleneck setting (the main agent is; only training the sub-agent removes them).
+# A single agent plays both roles: it gets the same rates at the same decision points.
+SHORTCUTS = {"core": {"main": SHORTCUT, "sub": 0.0}, "bottleneck": {"main": 0.0, "sub": SHORTCUT}}
+SINGLE_MODEL = {"hidden_size": 128, "num_layers": 9}  # 1.46M parameters: main + sub (2 x 0.72M)
+
+# -- RL ----------------------------------------------------------------------------------------------------------
+TOTAL_STEPS = 100
+QUERIES_PER_STEP = 4  # Q; with K = NUM_ROLLOUTS rollouts each: 32 main episodes per step
+NUM_ROLLOUTS = 8
+LEARNING_RATE = 3e-4  # a pilot of co_train: 1e-3 rose to 16% held-out by step 10, then fell to 5% by step 60
+EVAL_EVERY = 10
+SUB_SAMPLER_BATCH = 16
+EVAL_QUESTIONS = 128  # held-out
+EVAL_RL_QUESTIONS = 64  # the first RL questions, beside held-out
+
 WARM_START_OF = {"co_train": "multi", "co_train_no_alignment": "multi", "main_only": "multi",
-                 "shared_model": "shared", "single_agent": "single"}
-WARM_START_MODE = {"multi": "co_train", "shared": "shared_model", "single": "single_agent"}
+                 "single_agent": "single", "shared_model": "shared",
+                 "bottleneck_co_train": "weak_sub", "bottleneck_main_only": "weak_sub",
+                 "bottleneck_single_agent": "single_weak_sub"}
+WARM_START_MODE = {"multi": "co_train", "shared": "shared_model", "single": "single_agent", "weak_sub": "co_train",
+                   "single_weak_sub": "single_agent"}
+BOTTLENECK_KINDS = ("weak_sub", "single_weak_sub")
+SETTINGS = tuple(WARM_START_OF)
+GROUPS = {
+    "core": ("co_train", "main_only", "single_agent"),
+    # The ablations, beside the core runs they are read against (reused from the same root).
+    "ablations": ("co_train", "co_train_no_alignment", "shared_model", "bottleneck_co_train",
+                  "bottleneck_main_only", "bottleneck_single_agent"),
+}
+SETTING_NOTES = {
+    "co_train": "M-GRPO: main + sub trained (2 x 0.72M params)",
+    "main_only": "same warm start as co_train; sub frozen",
+    "single_agent": "one agent with the tools, params = main + sub (1.46M), same questions and epochs",
+    "co_train_no_alignment": "co_train with missing sub slots masked, no duplicates",
+    "shared_model": "one 0.72M model plays both roles",
+    "bottleneck_co_train": "co_train; the sub teacher, not the main one, took shortcuts",
+    "bottleneck_main_only": "bottleneck warm start; sub frozen",
+    "bottleneck_single_agent": "single_agent; shortcuts where the sub teacher's are",
+}
+PREAMBLE = {
+    "core": "The core comparison (configs/repro/common.py): the same warm-start recipe for every setting, then "
+            "the same RL budget. Held-out questions and RL questions start from head entities that the warm "
+            "start never demonstrated.",
+    "ablations": "The ablations beside the core co_train runs they are read against (trajectory alignment off; "
+                 "one shared model), and the bottleneck setting: the sub-agent's warm start is the weak one (its "
+                 "teacher, not the main agent's, took shortcuts), so training the main agent alone cannot remove "
+                 "the errors and co-training can.",
+}
 
 
 def warm_start_config(kind: str) -> ConfigDict:
@@ -36,6 +108,18 @@ def warm_start_config(kind: str) -> ConfigDict:
         raise ValueError(f"warm start kind {kind!r} is not one of {list(WARM_START_MODE)}")
     c = warm_start_tiny.get_config()
     c.mode = WARM_START_MODE[kind]
+    c.task.num_entities = ENTITIES
+    c.task.num_questions = QUESTIONS
+    c.task.heldout_fraction = HELD_OUT_FRACTION
+    c.task.rl_fraction = RL_FRACTION
+    c.eval_questions = EVAL_QUESTIONS
+    ws = c.warm_start
+    ws.max_questions = 0  # every warm-start question is in the pool; each epoch samples QUESTIONS_PER_EPOCH
+    ws.questions_per_epoch = QUESTIONS_PER_EPOCH
+    rates = SHORTCUTS["bottleneck" if kind in BOTTLENECK_KINDS else "core"]
+    ws.shortcuts.main, ws.shortcuts.sub = rates["main"], rates["sub"]
+    ws.explore_questions = EVAL_QUESTIONS
+    ws.explore_k = NUM_ROLLOUTS
     if kind == "shared":
         # One model serves both roles, so its sampler needs the sub-agent's longer prompt buckets too. Its SFT
         # takes one pass over main + sub demonstrations per epoch: about the tokens the two models of "multi" see.
@@ -43,16 +127,18 @@ def warm_start_config(kind: str) -> ConfigDict:
         c.controller.max_main_context = c.controller.max_sub_context
         main_buckets = tuple(c.agents.main.sampler.prompt_buckets)
         c.agents.main.sampler.prompt_buckets = main_buckets + (tuple(c.agents.sub.sampler.prompt_buckets)[-1],)
-        c.warm_start.repeat = {"main": 1}
+        ws.repeat = {"main": 1}
         c.agents.main.loss.pack_len = 2 * c.controller.max_main_context
-    elif kind == "single":
+    elif kind in ("single", "single_weak_sub"):
         # The single agent searches and reads every hop itself: two tool turns per hop plus the answer, and the raw
-        # observations (up to 128 tokens each) stay in its context. One pass per epoch, about the SFT tokens of
-        # "multi" (its rows are long).
+        # observations (up to 128 tokens each) stay in its context. One pass per epoch over the same questions; as
+        # many parameters as the two agents of "multi" together (a deeper model of the same width).
         c.controller.max_main_turns = 2 * max(c.task.hops) + 2
         c.controller.max_main_context = 768
         c.agents.main.sampler.prompt_buckets = (192, 384, 768 - c.agents.main.sampler.max_new_tokens)
-        c.warm_start.repeat = {"main": 1}
+        for key, value in SINGLE_MODEL.items():
+            c.agents.main.model[key] = value
+        ws.repeat = {"main": 1}
         c.agents.main.loss.pack_len = 2 * c.controller.max_main_context
     return c
 
@@ -61,20 +147,24 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
     """RL in `mode` from its warm start under `root` (see the module docstring)."""
     kind = WARM_START_OF[mode]
     c = warm_start_config(kind)
-    c.mode = "co_train" if mode == "co_train_no_alignment" else mode
-    c.task.skip_train_questions = c.warm_start.max_questions
+    c.mode = {"co_train_no_alignment": "co_train", "bottleneck_co_train": "co_train",
+              "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent"}.get(mode, mode)
     c.total_steps = TOTAL_STEPS
     c.mgrpo.num_queries = QUERIES_PER_STEP
-    c.eval_every = 0  # held-out greedy accuracy at the end (the start is the warm start's own evaluation)
-    c.checkpoint.save_interval_steps = TOTAL_STEPS
+    c.mgrpo.num_rollouts = NUM_ROLLOUTS
+    c.eval_every = EVAL_EVERY
+    c.eval_train_questions = EVAL_RL_QUESTIONS
+    c.checkpoint.save_interval_steps = EVAL_EVERY
     warm = os.path.join(root, f"warm_{kind}", "warm_start")
     c.tokenizer.path = os.path.join(warm, "main")
     c.agents.main.checkpoint = os.path.join(warm, "main")
-    c.agents.sub.checkpoint = os.path.join(warm, "sub") if kind == "multi" else ""
+    c.agents.sub.checkpoint = os.path.join(warm, "sub") if kind in ("multi", "weak_sub") else ""
     for role in ("main", "sub"):
-        # A pilot of co_train (same questions each step, 17 steps): 3e-4 collected more reward than 1e-3.
-        c.agents[role].optimizer.learning_rate = 3e-4
-        c.agents[role].sampler.batch_size = 32  # one sampler call per turn for the Q x K main episodes
+        c.agents[role].optimizer.learning_rate = LEARNING_RATE
+        # The main agent: one sampler call per turn for the Q x K episodes. The sub-agent's ~1.4 Q x K episodes per
+        # step in calls of 16 rows: 3 calls of 16 pad less than 2 of 32 (bench/train_step.py: its generation
+        # took 1.15 s per step against 1.80 s).
+        c.agents[role].sampler.batch_size = QUERIES_PER_STEP * NUM_ROLLOUTS if role == "main" else SUB_SAMPLER_BATCH
     if mode == "co_train_no_alignment":
         # No trajectory alignment: missing sub-agent slots stay empty (masked) instead of being filled with
         # duplicates or sibling rollouts' trajectories.

@@ -1,4 +1,5 @@
-"""Single-agent GRPO: one agent searches and reads itself (no sub-agent).
+"""Single-agent GRPO: one agent searches and reads itself (no sub-agent), with as many parameters as the main and
+sub-agent together.
 
     python launch/train.py --config configs/repro/single_agent.py:runs/repro \
         --workdir runs/repro/single_agent/seed0 --config.seed=0

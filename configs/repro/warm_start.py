@@ -1,5 +1,5 @@
 """The warm starts of the comparisons (configs/repro/common.py): `--config configs/repro/warm_start.py:<kind>`
-with kind multi | shared | single.
+with kind multi | single | shared | weak_sub.
 
     python launch/warm_start.py --config configs/repro/warm_start.py:single --workdir runs/repro/warm_single
 """

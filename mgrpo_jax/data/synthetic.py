@@ -513,6 +513,37 @@ def generate_questions(
     return questions
 
 
+def _check_split(questions: Sequence[Question], group_by: str, seed) -> list[Question]:
+    if group_by not in SPLIT_GROUPS:
+        raise ValueError(f"group_by={group_by!r} is not supported; choose one of {list(SPLIT_GROUPS)}")
+    _check_int("seed", seed, -(2**63))
+    questions = list(questions)
+    if len({q.qid for q in questions}) != len(questions) or len({q.question for q in questions}) != len(questions):
+        raise ValueError("questions contain duplicate ids or texts; deduplicate them before splitting")
+    return questions
+
+
+def _split_key(group_by: str):
+    return (lambda q: q.chain[0].subject) if group_by == "head" else (lambda q: q.qid)
+
+
+def _take_groups(questions: list[Question], target: float, key, label: str) -> set[str]:
+    """Whole groups, in a seeded order (`label` seeds it), until they hold >= `target` questions."""
+    groups = sorted({key(q) for q in questions})  # sorted: independent of input order
+    random.Random(label).shuffle(groups)
+    size: dict[str, int] = {}
+    for q in questions:
+        size[key(q)] = size.get(key(q), 0) + 1
+    taken: set[str] = set()
+    count = 0
+    for g in groups:
+        if count >= target:
+            break
+        taken.add(g)
+        count += size[g]
+    return taken
+
+
 def split_questions(
     questions: Sequence[Question],
     held_out_fraction: float = 0.2,
@@ -530,36 +561,54 @@ def split_questions(
     Raises:
       ValueError: a bad fraction or group_by, duplicate ids or texts in the input, or a side left empty.
     """
-    if group_by not in SPLIT_GROUPS:
-        raise ValueError(f"group_by={group_by!r} is not supported; choose one of {list(SPLIT_GROUPS)}")
+    questions = _check_split(questions, group_by, seed)
     if not isinstance(held_out_fraction, (int, float)) or not 0.0 < held_out_fraction < 1.0:
         raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction!r}")
-    _check_int("seed", seed, -(2**63))
-    questions = list(questions)
-    if len({q.qid for q in questions}) != len(questions) or len({q.question for q in questions}) != len(questions):
-        raise ValueError("questions contain duplicate ids or texts; deduplicate them before splitting")
-
-    key = (lambda q: q.chain[0].subject) if group_by == "head" else (lambda q: q.qid)
-    groups = sorted({key(q) for q in questions})  # sorted: independent of input order
-    random.Random(f"mgrpo-split:{seed}").shuffle(groups)
-    size: dict[str, int] = {}
-    for q in questions:
-        size[key(q)] = size.get(key(q), 0) + 1
-    target = held_out_fraction * len(questions)
-    held: set[str] = set()
-    count = 0
-    for g in groups:
-        if count >= target:
-            break
-        held.add(g)
-        count += size[g]
+    key = _split_key(group_by)
+    held = _take_groups(questions, held_out_fraction * len(questions), key, f"mgrpo-split:{seed}")
     train = [q for q in questions if key(q) not in held]
     held_out = [q for q in questions if key(q) in held]
     if not train or not held_out:
-        raise ValueError(f"split of {len(questions)} questions into {len(groups)} {group_by!r} groups left a side "
-                         f"empty (train {len(train)}, held-out {len(held_out)}); use more questions or another "
-                         f"held_out_fraction")
+        raise ValueError(f"split of {len(questions)} questions into {len({key(q) for q in questions})} {group_by!r} "
+                         f"groups left a side empty (train {len(train)}, held-out {len(held_out)}); use more questions "
+                         f"or another held_out_fraction")
     return train, held_out
+
+
+def split_questions_three_ways(
+    questions: Sequence[Question],
+    rl_fraction: float,
+    held_out_fraction: float = 0.2,
+    *,
+    seed: int = 0,
+    group_by: str = "head",
+) -> tuple[list[Question], list[Question], list[Question]]:
+    """Splits questions into (warm_start, rl, held_out), pairwise without leakage: with `group_by="head"` no
+    two sides share a head entity, so RL trains on questions whose heads the warm start's demonstrations never
+    started from, exactly as held-out evaluation does.
+
+    The held-out side is `split_questions(questions, held_out_fraction, seed=seed, group_by=group_by)`'s (the
+    same questions as the two-way split); the rest is split again, whole groups in another seeded order, until
+    the RL side holds >= `rl_fraction` of all the questions. Input order is kept on each side.
+
+    Raises:
+      ValueError: bad fractions (each in (0, 1), summing to < 1) or group_by, duplicates, or a side left empty.
+    """
+    for name, value in (("rl_fraction", rl_fraction), ("held_out_fraction", held_out_fraction)):
+        if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    if rl_fraction + held_out_fraction >= 1.0:
+        raise ValueError(f"rl_fraction + held_out_fraction must be < 1 (the rest is the warm start's), got "
+                         f"{rl_fraction} + {held_out_fraction}")
+    train, held_out = split_questions(questions, held_out_fraction, seed=seed, group_by=group_by)
+    key = _split_key(group_by)
+    rl_groups = _take_groups(train, rl_fraction * len(questions), key, f"mgrpo-split-rl:{seed}")
+    warm = [q for q in train if key(q) not in rl_groups]
+    rl = [q for q in train if key(q) in rl_groups]
+    if not warm or not rl:
+        raise ValueError(f"the three-way split of {len(questions)} questions left a side empty (warm start "
+                         f"{len(warm)}, RL {len(rl)}, held-out {len(held_out)}); use more questions or other fractions")
+    return warm, rl, held_out
 
 
 # ------------------------------------------------------------------------------------------------ JSONL

@@ -2,7 +2,10 @@
 
 config.task.kind:
   "synthetic"  a generated deep-research world (`data.synthetic`), written once to workdir/data as
-               corpus.jsonl (Search-R1's corpus format), train.jsonl and heldout.jsonl (QA JSONL);
+               corpus.jsonl (Search-R1's corpus format), train.jsonl and heldout.jsonl (QA JSONL); with
+               task.rl_fraction > 0 the questions are split three ways by head entity, and warm_start.jsonl holds
+               the warm start's (its demonstrations), train.jsonl RL's and heldout.jsonl evaluation's, so that RL
+               trains on heads the warm start never started from, as evaluation does;
   "files"      the user's QA files (JSONL or Parquet) and a corpus JSONL for local BM25 search, or the URL
                of a Search-R1 compatible retrieval service.
 config.tokenizer.path: a Hugging Face tokenizer directory, or "" to train a byte-level BPE locally on the
@@ -36,23 +39,36 @@ class TaskData:
     documents: list[Document]
     tools: dict[str, Any]
     tokenizer: Any
+    warm_start_files: list[str] = dataclasses.field(default_factory=list)  # the warm start's own questions, if any
 
 
-def _synthetic_files(task, data_dir: str) -> tuple[list[str], list[str], str]:
-    from mgrpo_jax.data.synthetic import generate_questions, generate_world, split_questions, write_questions_jsonl
+def _synthetic_files(task, data_dir: str) -> tuple[list[str], list[str], str, list[str]]:
+    """(train files, eval files, corpus file, warm-start files) of a generated task, written on first use."""
+    from mgrpo_jax.data.synthetic import (generate_questions, generate_world, split_questions,
+                                          split_questions_three_ways, write_questions_jsonl)
 
-    paths = [os.path.join(data_dir, name) for name in ("train.jsonl", "heldout.jsonl", "corpus.jsonl")]
+    rl_fraction = float(task.get("rl_fraction", 0.0))
+    names = ["train.jsonl", "heldout.jsonl", "corpus.jsonl"] + (["warm_start.jsonl"] if rl_fraction else [])
+    paths = [os.path.join(data_dir, name) for name in names]
     if all(os.path.exists(p) for p in paths):
-        return [paths[0]], [paths[1]], paths[2]  # a resumed run keeps the exact files it started with
+        return [paths[0]], [paths[1]], paths[2], paths[3:]  # a resumed run keeps the exact files it started with
     os.makedirs(data_dir, exist_ok=True)
     world = generate_world(int(task.world_seed), int(task.num_entities))
     questions = generate_questions(world, int(task.num_questions), tuple(task.hops), seed=int(task.world_seed),
                                    hop_weights=tuple(task.hop_weights) if task.get("hop_weights") else None)
-    train, heldout = split_questions(questions, float(task.heldout_fraction), seed=int(task.world_seed))
+    if rl_fraction:
+        try:
+            warm, train, heldout = split_questions_three_ways(questions, rl_fraction, float(task.heldout_fraction),
+                                                              seed=int(task.world_seed))
+        except ValueError as e:
+            raise ValueError(f"config task.rl_fraction / task.heldout_fraction: {e}") from None
+        write_questions_jsonl(warm, paths[3])
+    else:
+        train, heldout = split_questions(questions, float(task.heldout_fraction), seed=int(task.world_seed))
     write_questions_jsonl(train, paths[0])
     write_questions_jsonl(heldout, paths[1])
     write_corpus_jsonl(world.documents, paths[2])
-    return [paths[0]], [paths[1]], paths[2]
+    return [paths[0]], [paths[1]], paths[2], paths[3:]
 
 
 def _tokenizer(config, workdir: str, documents: list[Document], question_files: list[str], protocol):
@@ -127,8 +143,9 @@ def load_task(config, workdir: str, protocol: ProtocolConfig) -> TaskData:
     task = config.task
     if task.kind not in TASK_KINDS:
         raise ValueError(f"config task.kind={task.kind!r} is not supported; choose one of {list(TASK_KINDS)}")
+    warm_files: list[str] = []
     if task.kind == "synthetic":
-        train, evals, corpus = _synthetic_files(task, os.path.join(workdir, "data"))
+        train, evals, corpus, warm_files = _synthetic_files(task, os.path.join(workdir, "data"))
     else:
         train, evals, corpus = list(task.train_files), list(task.eval_files), task.get("corpus_file", "")
         if not train:
@@ -141,8 +158,8 @@ def load_task(config, workdir: str, protocol: ProtocolConfig) -> TaskData:
                 raise FileNotFoundError(f"config task: {path!r} does not exist")
     on_bad_row = task.get("on_bad_row", "error")
     documents = _read_corpus(corpus, on_bad_row) if corpus else []
-    for files in (train, evals):  # validated now, so that a bad file fails before any model is built
+    for files in (train, evals, warm_files):  # validated now, so that a bad file fails before any model is built
         if files:
             require_rows(files, *read_qa_rows(files, on_bad_row))
-    tokenizer = _tokenizer(config, workdir, documents, train + evals, protocol)
-    return TaskData(train, evals, documents, _tools(task, documents, corpus), tokenizer)
+    tokenizer = _tokenizer(config, workdir, documents, warm_files + train + evals, protocol)
+    return TaskData(train, evals, documents, _tools(task, documents, corpus), tokenizer, warm_files)

@@ -34,7 +34,8 @@ from flax import nnx
 
 from mgrpo_jax.kernels import AGG_MODES, KL_KINDS, aggregate_denominator, aggregate_loss, chunked_token_logprobs, \
     policy_loss
-from mgrpo_jax.sharding import DEFAULT_RULES, batch_sharding, born_sharded_opt_state, data_parallel_size, put_batch
+from mgrpo_jax.sharding import DEFAULT_RULES, batch_sharding, born_sharded_opt_state, data_parallel_size, put_batch, \
+    with_mesh
 from mgrpo_jax.train.batch import PackedBatch, Segment, pack
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -324,6 +325,9 @@ class AgentTrainer:
             raise ValueError(f"{name}: loss.micro_batch_size={loss.micro_batch_size} rows do not split over the "
                              f"mesh's {data_shards} data-parallel shards; make it a multiple of {data_shards}")
         programs = build_update_programs(graphdef, self.tx, loss)
+        # Traced under the mesh: the model's activation constraints and mesh-aware attention (splash) apply.
+        programs = UpdatePrograms(**{f.name: with_mesh(getattr(programs, f.name), mesh)
+                                     for f in dataclasses.fields(programs)})
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         grad_shardings = param_shardings
         acc_shardings = {"grads": grad_shardings, "total": replicated, "denominator": replicated,
@@ -340,8 +344,11 @@ class AgentTrainer:
         self._zero_acc = jax.jit(programs.zero_acc, in_shardings=(param_shardings, self.batch_sharding),
                                  out_shardings=acc_shardings)
         self.version = 0
-        self.skipped_steps = 0
-        self.skipped_empty = 0
+        self.skipped_steps = 0  # optimizer steps refused for a non-finite gradient
+        self.skipped_empty = 0  # updates not dispatched: no token carried any loss
+
+    # Counters that a checkpoint carries (checkpoint.agent_state_of), so a resumed run reports what it would have.
+    RESUMED_COUNTERS = ("skipped_steps", "skipped_empty")
 
     @property
     def compile_count(self) -> int:

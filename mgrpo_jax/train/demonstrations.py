@@ -28,12 +28,31 @@ action must parse, its grounding string (search query, doc id, result or answer,
 must occur in the agent's task or in an observation before that turn, the episode must end well, and its
 final answer must equal the chain's. Trajectories that fail are dropped and counted by reason.
 
+Shortcuts (`shortcuts={"main": p, "sub": q}`, default off): a mixed-quality teacher, so that the warm-started
+policy has something to explore and RL something to learn. Each episode has one decision point per agent
+episode, where the teacher takes a shortcut with its agent's probability, decided by a seeded hash of (seed,
+agent, task text, decision point), so one `seed` gives reproducible demonstrations and another seed (e.g. each SFT
+epoch's) a fresh draw. One point per episode keeps the clean path's probability at 1 - p whatever the hop count:
+
+    main:    instead of delegating the last hop, answers at once with what it last read (the previous hop's
+             result, or the question's head entity on a 1-hop question): the "answered_early" failure;
+    sub:     after a search that shows the hop's document, reports a name from the search results (the first
+             hit's title that does not name the hop's subject, section stripped) without reading the document;
+    single:  both, at the same points of its own episode (answers early instead of searching the last hop with
+             the main rate; after each hop's search, reports a title instead of reading with the sub rate).
+
+A shortcut's final answer is wrong but grounded (it is in the context), and passes the checks below with the
+final the teacher gave instead of the chain's. With shortcuts on, the main agent's demonstrations come from
+episodes whose sub-agent is the clean teacher, and the sub-agent's from episodes whose main agent is (so a main
+demonstration never builds on a wrong report, and every hop is delegated to the sub-agent).
+
 Behaviour log-probs of teacher tokens are recorded as 0 (a deterministic teacher); the SFT objective does
 not read them.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +66,29 @@ from mgrpo_jax.rollout.protocol import AgentProtocol
 from mgrpo_jax.rollout.sampler import Sample
 
 SEARCH_QUERIES = ("subject", "question")
+SHORTCUT_AGENTS = ("main", "sub")
+_TITLE = re.compile(r'\(id: [^)]*\) "([^"]*)"')
+
+
+def shortcut_draw(seed: int, agent: str, text: str, point: int) -> float:
+    """A uniform draw in [0, 1) fixed by its arguments (a SHA-1 hash: the same on every platform and run)."""
+    digest = hashlib.sha1(f"{seed}\x00{agent}\x00{text}\x00{point}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _check_shortcuts(shortcuts: Mapping[str, float] | None) -> dict[str, float]:
+    rates = dict(shortcuts or {})
+    if set(rates) - set(SHORTCUT_AGENTS) or any(not 0.0 <= float(v) <= 1.0 for v in rates.values()):
+        raise ValueError(f"shortcuts maps {list(SHORTCUT_AGENTS)} to probabilities in [0, 1], got {rates}")
+    return {a: float(rates.get(a, 0.0)) for a in SHORTCUT_AGENTS}
+
+
+def _guess_from_results(observation: str, subject: str) -> str | None:
+    """The shortcut's report: the first search hit's title that does not name `subject` (its section, "Name
+    (history)", stripped), else the first title; None when the observation shows no hit."""
+    titles = [t.split(" (")[0] for t in _TITLE.findall(observation)]
+    others = [t for t in titles if subject not in t]
+    return (others or titles or [None])[0]
 
 
 def _action_sample(codec: TextCodec, text: str, max_new_tokens: int | None) -> Sample:
@@ -63,8 +105,11 @@ class _Teacher:
     """Shared machinery: find the task of a context by its exact prompt tokens, and read back the context."""
 
     def __init__(self, codec: TextCodec, protocol: AgentProtocol, system_prompt: str, tasks: Mapping[str, object],
-                 max_new_tokens: int | None, max_prompt_tokens: int | None):
+                 max_new_tokens: int | None, max_prompt_tokens: int | None, shortcut: Mapping[str, float] | None = None,
+                 seed: int = 0):
         self.codec, self.protocol, self.version = codec, protocol, 0
+        self.shortcut, self.seed = dict(shortcut or {}), seed
+        self.shortcut_finals: dict[str, str] = {}  # task text -> the final answer of a shortcut taken there
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self._by_prompt: dict[tuple[int, ...], tuple[str, object]] = {}
         for text, task in tasks.items():
@@ -99,20 +144,31 @@ class _Teacher:
     def act(self, text: str, task, observations: list[str]) -> tuple[str, str]:
         raise NotImplementedError
 
+    def _shortcut(self, agent: str, text: str, point: int, final: str | None) -> tuple[str, str] | None:
+        """The final action `final` when the teacher takes `agent`'s shortcut at this decision point, else None."""
+        rate = self.shortcut.get(agent, 0.0)
+        if final is None or not rate or shortcut_draw(self.seed, agent, text, point) >= rate:
+            return None
+        self.shortcut_finals[text] = final
+        return self.protocol.final_action, final
+
 
 class MainTeacher(_Teacher):
-    """Delegates each hop's sub-question in turn, then answers the gold answer."""
+    """Delegates each hop's sub-question in turn, then answers the gold answer (or, with shortcuts, answers
+    with what it last read instead of delegating the last hop)."""
 
     def __init__(self, codec, protocol, system_prompt, questions: Sequence[Question], *, delegate: str,
-                 max_new_tokens=None, max_prompt_tokens=None):
+                 max_new_tokens=None, max_prompt_tokens=None, shortcut=None, seed=0):
         super().__init__(codec, protocol, system_prompt, {q.question: q for q in questions}, max_new_tokens,
-                         max_prompt_tokens)
+                         max_prompt_tokens, shortcut, seed)
         self.delegate = delegate
 
     def act(self, text, question: Question, observations):
         done = len(observations)
         if done < question.hops:
-            return self.delegate, question.chain[done].question
+            last = observations[-1] if observations else question.chain[0].subject
+            shortcut = self._shortcut("main", text, done, last) if done == question.hops - 1 else None
+            return shortcut or (self.delegate, question.chain[done].question)
         return self.protocol.final_action, question.answer
 
 
@@ -120,11 +176,12 @@ class SubTeacher(_Teacher):
     """Searches, reads the hop's document when the search results show its id, and reports the hop's answer."""
 
     def __init__(self, codec, protocol, system_prompt, hops: Sequence[Hop], *, search: str, read: str,
-                 query: str = "subject", fallback_query: bool = True, max_new_tokens=None, max_prompt_tokens=None):
+                 query: str = "subject", fallback_query: bool = True, max_new_tokens=None, max_prompt_tokens=None,
+                 shortcut=None, seed=0):
         if query not in SEARCH_QUERIES:
             raise ValueError(f"query={query!r} is not supported; choose one of {list(SEARCH_QUERIES)}")
         super().__init__(codec, protocol, system_prompt, {h.question: h for h in hops}, max_new_tokens,
-                         max_prompt_tokens)
+                         max_prompt_tokens, shortcut, seed)
         self.search, self.read, self.query, self.fallback_query = search, read, query, fallback_query
 
     def _queries(self, hop: Hop) -> list[str]:
@@ -141,8 +198,10 @@ class SubTeacher(_Teacher):
             if obs is None:
                 return self.search, query
             if hop.doc_id in obs:
-                return (self.read, hop.doc_id) if next(seen, None) is None else (self.protocol.final_action,
-                                                                                  hop.answer)
+                if next(seen, None) is None:
+                    return (self._shortcut("sub", text, 0, _guess_from_results(obs, hop.subject))
+                            or (self.read, hop.doc_id))
+                return self.protocol.final_action, hop.answer
         return self.protocol.final_action, hop.answer  # not found: ungrounded, dropped by the check
 
 
@@ -153,21 +212,24 @@ class SingleTeacher(_Teacher):
     document the search does not show ends the episode with an ungrounded answer, dropped by the check."""
 
     def __init__(self, codec, protocol, system_prompt, questions: Sequence[Question], *, search: str, read: str,
-                 max_new_tokens=None, max_prompt_tokens=None):
+                 max_new_tokens=None, max_prompt_tokens=None, shortcut=None, seed=0):
         super().__init__(codec, protocol, system_prompt, {q.question: q for q in questions}, max_new_tokens,
-                         max_prompt_tokens)
+                         max_prompt_tokens, shortcut, seed)
         self.search, self.read = search, read
 
     def act(self, text, question: Question, observations):
         seen = iter(observations)
-        for hop in question.chain:
+        for i, hop in enumerate(question.chain):
             obs = next(seen, None)
-            if obs is None:
-                return self.search, hop.subject
+            if obs is None:  # before the last hop: answer early with the last fact read (hop i-1's), or search
+                last = question.chain[i - 1].answer if i else hop.subject
+                shortcut = self._shortcut("main", text, i, last) if i == question.hops - 1 else None
+                return shortcut or (self.search, hop.subject)
             if hop.doc_id not in obs:
                 return self.protocol.final_action, question.answer  # not found: ungrounded, dropped
             if next(seen, None) is None:
-                return self.read, hop.doc_id
+                return (self._shortcut("sub", text, i, _guess_from_results(obs, hop.subject))
+                        or (self.read, hop.doc_id))
         return self.protocol.final_action, question.answer
 
 
@@ -237,7 +299,8 @@ class Demonstrations:
 
 
 def make_demonstrations(controller: Controller, questions: Sequence[Question], *, query: str = "subject",
-                        fallback_query: bool = True, chunk_size: int = 512) -> Demonstrations:
+                        fallback_query: bool = True, chunk_size: int = 512,
+                        shortcuts: Mapping[str, float] | None = None, seed: int = 0) -> Demonstrations:
     """Runs the teachers through a copy of `controller` (its config, codec, protocols and tools; the teachers
     replace its policies) on `questions`, one rollout each; returns the demonstrations that pass
     `check_demonstration`. A single-agent controller (no sub-agent) gets the single teacher; its
@@ -249,50 +312,86 @@ def make_demonstrations(controller: Controller, questions: Sequence[Question], *
       query: the sub teacher's first search: "subject" (the hop's subject name) or "question" (the sub-question).
       fallback_query: search once more with the other query when the first does not show the document.
       chunk_size: questions per controller run (bounds the size of one batch of tool calls).
+      shortcuts: {"main": p, "sub": q}, each teacher's shortcut probability per decision point (module docstring).
+      seed: the shortcuts' draw.
     """
     c, codec = controller, controller.codec
+    rates = _check_shortcuts(shortcuts)
     if c.delegate_action is None:
-        return _single_agent_demonstrations(c, questions, chunk_size)
-    main = MainTeacher(codec, c.main_protocol, c.config.main_system_prompt, questions, delegate=c.delegate_action,
-                       max_new_tokens=getattr(c.main_policy, "max_new_tokens", None),
-                       max_prompt_tokens=getattr(c.main_policy, "max_prompt_tokens", None))
+        return _single_agent_demonstrations(c, questions, chunk_size, rates, seed)
     hops = [h for q in questions for h in q.chain]
     search, read = c.sub_protocol.tool_actions[:2]
-    sub = SubTeacher(codec, c.sub_protocol, c.config.sub_system_prompt, hops, search=search, read=read, query=query,
-                     fallback_query=fallback_query, max_new_tokens=getattr(c.sub_policy, "max_new_tokens", None),
-                     max_prompt_tokens=getattr(c.sub_policy, "max_prompt_tokens", None))
-    teacher = Controller(config=c.config, codec=codec, main_policy=main, main_protocol=c.main_protocol, tools=c.tools,
-                         sub_policy=sub, sub_protocol=c.sub_protocol, delegate_action=c.delegate_action)
 
-    def check_main(traj, q):
-        return check_demonstration(traj, codec, c.main_protocol, q.question, q.answer, delegate=c.delegate_action,
-                                   grounding={h.question: h.subject for h in q.chain})
+    def run(main_rate: float, sub_rate: float, fields: tuple[str, ...]):
+        main = MainTeacher(codec, c.main_protocol, c.config.main_system_prompt, questions, delegate=c.delegate_action,
+                           max_new_tokens=getattr(c.main_policy, "max_new_tokens", None),
+                           max_prompt_tokens=getattr(c.main_policy, "max_prompt_tokens", None),
+                           shortcut={"main": main_rate}, seed=seed)
+        sub = SubTeacher(codec, c.sub_protocol, c.config.sub_system_prompt, hops, search=search, read=read,
+                         query=query, fallback_query=fallback_query,
+                         max_new_tokens=getattr(c.sub_policy, "max_new_tokens", None),
+                         max_prompt_tokens=getattr(c.sub_policy, "max_prompt_tokens", None),
+                         shortcut={"sub": sub_rate}, seed=seed)
+        teacher = Controller(config=c.config, codec=codec, main_policy=main, main_protocol=c.main_protocol,
+                             tools=c.tools, sub_policy=sub, sub_protocol=c.sub_protocol,
+                             delegate_action=c.delegate_action)
 
-    def check_sub(traj, q):
-        if traj.call >= q.hops:
-            return "extra_call"
-        hop = q.chain[traj.call]
-        return check_demonstration(traj, codec, c.sub_protocol, hop.question, hop.answer)
+        def check_main(traj, q):
+            return check_demonstration(traj, codec, c.main_protocol, q.question,
+                                       main.shortcut_finals.get(q.question, q.answer), delegate=c.delegate_action,
+                                       grounding={h.question: h.subject for h in q.chain})
 
-    kept, dropped, stats = _run_checked(teacher, questions, chunk_size,
-                                        {"main": ("main", check_main), "sub": ("sub", check_sub)})
+        def check_sub(traj, q):
+            if traj.call >= q.hops:
+                return "extra_call"
+            hop = q.chain[traj.call]
+            return check_demonstration(traj, codec, c.sub_protocol, hop.question,
+                                       sub.shortcut_finals.get(hop.question, hop.answer))
+
+        checks = {"main": ("main", check_main), "sub": ("sub", check_sub)}
+        kept, dropped, stats = _run_checked(teacher, questions, chunk_size, {f: checks[f] for f in fields})
+        counts = {"main": _count_shortcuts(kept.get("main", []), main, questions),
+                  "sub": _count_shortcuts(kept.get("sub", []), sub, questions, hops=True)}
+        return kept, dropped, stats, counts
+
+    if not rates["main"] and not rates["sub"]:
+        kept, dropped, stats, counts = run(0.0, 0.0, ("main", "sub"))
+    else:
+        # Each agent's demonstrations come from an episode whose other agent is the clean teacher: a main
+        # demonstration never builds on a sub-agent's shortcut (its delegations would be ungrounded), and every
+        # hop is delegated for the sub-agent's.
+        kept, dropped, stats, counts = run(rates["main"], 0.0, ("main",))
+        sub_kept, sub_dropped, _, sub_counts = run(0.0, rates["sub"], ("sub",))
+        kept["sub"], counts["sub"] = sub_kept["sub"], sub_counts["sub"]
+        dropped.update(sub_dropped)
     stats.update(questions=len(questions), main_kept=len(kept["main"]), sub_kept=len(kept["sub"]),
-                 hops=len(hops))
+                 hops=len(hops), main_shortcuts=counts["main"], sub_shortcuts=counts["sub"])
     return Demonstrations(kept["main"], kept["sub"], dropped, dict(stats))
 
 
-def _single_agent_demonstrations(c: Controller, questions: Sequence[Question], chunk_size: int) -> Demonstrations:
+def _count_shortcuts(kept: Sequence[Trajectory], teacher: _Teacher, questions: Sequence[Question],
+                     hops: bool = False) -> int:
+    """Kept demonstrations whose teacher took a shortcut."""
+    texts = [questions[t.query].chain[t.call].question if hops else questions[t.query].question for t in kept]
+    return sum(text in teacher.shortcut_finals for text in texts)
+
+
+def _single_agent_demonstrations(c: Controller, questions: Sequence[Question], chunk_size: int,
+                                 rates: Mapping[str, float], seed: int) -> Demonstrations:
     codec, protocol = c.codec, c.main_protocol
     search, read = protocol.tool_actions[:2]
     single = SingleTeacher(codec, protocol, c.config.single_system_prompt, questions, search=search, read=read,
                            max_new_tokens=getattr(c.main_policy, "max_new_tokens", None),
-                           max_prompt_tokens=getattr(c.main_policy, "max_prompt_tokens", None))
+                           max_prompt_tokens=getattr(c.main_policy, "max_prompt_tokens", None), shortcut=rates,
+                           seed=seed)
     teacher = Controller(config=c.config, codec=codec, main_policy=single, main_protocol=protocol, tools=c.tools)
+
     def check(traj, q):
-        return check_demonstration(traj, codec, protocol, q.question, q.answer)
+        return check_demonstration(traj, codec, protocol, q.question, single.shortcut_finals.get(q.question, q.answer))
 
     kept, dropped, stats = _run_checked(teacher, questions, chunk_size, {"main": ("single", check)})
-    stats.update(questions=len(questions), main_kept=len(kept["main"]), sub_kept=0)
+    stats.update(questions=len(questions), main_kept=len(kept["main"]), sub_kept=0,
+                 main_shortcuts=_count_shortcuts(kept["main"], single, questions))
     return Demonstrations(kept["main"], [], dropped, dict(stats))
 
 

@@ -34,6 +34,17 @@ def _held_out(exp, count: int) -> tuple[list[str], list[Any]]:
     return questions_and_golds(rows)
 
 
+def _rl_questions(exp, count: int) -> tuple[list[str], list[Any]]:
+    """The first `count` questions RL trains on (after task.skip_train_questions), in file order."""
+    task = exp.config.task
+    if count <= 0:
+        return [], []
+    skip = int(task.get("skip_train_questions", 0))
+    limit = int(task.get("max_train_questions", 0))
+    rows = read_qa_rows(exp.data.train_files, on_bad_row=task.on_bad_row)[0][skip:]
+    return questions_and_golds(rows[:min(count, limit) if limit else count])
+
+
 def train(config, workdir: str, *, stop_after: int | None = None, experiment=None, after_step=None,
           evaluate: bool = True) -> dict[str, float]:
     """Trains to config.total_steps (or `stop_after` more steps, for tests); returns the last metrics.
@@ -64,7 +75,19 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
                             skip_first=int(config.task.get("skip_train_questions", 0)),
                             max_rows=int(config.task.get("max_train_questions", 0)))
     held_q, held_g = _held_out(exp, int(config.eval_questions) if evaluate else 0)
+    train_q, train_g = _rl_questions(exp, int(config.get("eval_train_questions", 0)) if evaluate else 0)
     evaluator = Evaluator(exp.controller, loop.config.rewards)
+
+    def evaluate_now(step: int) -> dict[str, float]:
+        """Greedy accuracy on the held-out questions (greedy/...) and on the first RL questions
+        (train_greedy/...), side by side: is RL learning its own questions, and does it carry over?"""
+        out = evaluator.run(held_q, held_g, greedy=True) if held_q else {}
+        if train_q:
+            out.update({f"train_{k}": v for k, v in evaluator.run(train_q, train_g, greedy=True).items()})
+        logger.info("step %d: greedy accuracy %s", step, ", ".join(
+            f"{name} {out[key]:.3f} ({len(q)} questions)" for name, key, q in
+            (("held-out", "greedy/accuracy", held_q), ("RL questions", "train_greedy/accuracy", train_q)) if q))
+        return out
 
     # -- checkpoint -------------------------------------------------------------------------------------
     agent_names = ["main"] if loop.config.mode in ("single_agent", "shared_model", "main_only") else ["main", "sub"]
@@ -99,6 +122,9 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
     failing = False
     try:
         with ckpt_lib.ShutdownRequest() as stop:
+            if eval_every and start == 0 and end > 0 and (held_q or train_q):
+                writer.write(0, evaluate_now(0))  # the curve's first point: the starting policy
+                writer.flush()
             for step in range(start, end):
                 questions, golds = questions_and_golds(next(data))
                 result = loop.step(questions, golds)
@@ -106,8 +132,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
                 if after_step is not None:
                     metrics.update(after_step(step, result, golds))
                 metrics["data/skipped_rows"] = float(data.dataset.num_skipped)
-                if eval_every and (step + 1) % eval_every == 0 and held_q:
-                    metrics.update(evaluator.run(held_q, held_g, greedy=True))
+                if eval_every and (step + 1) % eval_every == 0 and step + 1 < total and (held_q or train_q):
+                    metrics.update(evaluate_now(step + 1))  # the last step's is the final one below
                 if (step + 1) % int(config.log_every) == 0 or step + 1 == end:
                     writer.write(step + 1, metrics)
                     writer.flush()  # users (and tests) tail metrics.jsonl while the run goes on
@@ -118,11 +144,11 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
                                    stop.signal_name)
                     return metrics
             # -- final evaluation and checkpoint -----------------------------------------------------------
-            if end == total and held_q:
-                final = evaluator.run(held_q, held_g, greedy=True)
+            if end == total and (held_q or train_q):
+                final = evaluate_now(end)
                 metrics.update(final)
                 writer.write(end, final)
-                logger.info("held-out: %s", ", ".join(f"{k}={v:.3f}" for k, v in final.items()))
+                logger.info("final evaluation: %s", ", ".join(f"{k}={v:.3f}" for k, v in final.items()))
             if end > start:
                 save(end, force=True)
     except BaseException:
