@@ -1,5 +1,7 @@
 """The slot-cache sampler against full recompute and the model's own log-probs: multi-turn cache reuse, continuous
 batching, the rollout copy of the weights, sharding on a mesh, compile counts and stops."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -275,6 +277,71 @@ def test_sharded_sampler_on_a_mesh_equals_one_device(model):
     rollout = on_mesh.rollout
     assert rollout.layers.attn.q_kernel[...].sharding.spec == P(None, None, "tp", None)  # embed not over fsdp
     assert placed.layers.attn.q_kernel[...].sharding.spec == P(None, "fsdp", "tp", None)
+    # The compiled programs themselves: cache in and out over (fsdp, tp), what the host reads replicated.
+    for program in ("prefill", "decode"):
+        compiled = on_mesh.lowered(placed, program, 8).compile()
+        (args, _), outs = compiled.input_shardings, compiled.output_shardings
+        for cache in (args[1], outs[0]):
+            assert cache.k.spec == P(None, "fsdp", None, "tp", None) == cache.v.spec
+            assert cache.segment_ids.spec == P("fsdp", None)
+        assert args[3].spec == P("fsdp", *args[3].spec[1:])  # the prefill tokens / decode's live rows
+        if program == "decode":
+            assert all(x.is_fully_replicated for x in jax.tree.leaves(outs[2]))
+    # The cache is donated from call to call: the previous call's buffers are gone, not copied.
+    before = on_mesh._cache.k
+    on_mesh.generate(placed, [[3, 4, 5]], jax.random.key(9))
+    assert before.is_deleted() and not on_mesh._cache.k.is_deleted()
+
+
+def test_greedy_and_logprobs_equal_transformers(tmp_path):
+    """Oracle: transformers' Qwen3ForCausalLM (PyTorch). Greedy turns of ragged prompts (one longer than a
+    512-key tile, so chunked attention walks several tiles) equal `generate`, the second turn continuing the
+    first turn's cached rows; sampled tokens' log-probs equal log_softmax of its logits over the whole sequence."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from mgrpo_jax.models import load_model
+
+    hf_config = transformers.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=1024)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else 0.3 * torch.randn_like(p))
+    hf.save_pretrained(str(tmp_path))
+    model, config = load_model(str(tmp_path), attention="chunked")
+    graphdef, state = nnx.split(model)
+    rng = np.random.RandomState(3)
+    prompts = [rng.randint(3, 96, size=n).tolist() for n in (5, 530, 11)]
+    n_new = 6
+
+    def hf_greedy(prompt):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=n_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    # Two rows for three prompts: the third waits for a free row (continuous batching).
+    cfg = SamplerConfig(batch_size=2, max_new_tokens=n_new, prompt_buckets=(16, 560), temperature=0.0)
+    sampler = Sampler(graphdef, config, cfg)
+    history = [list(p) for p in prompts]
+    for turn in range(2):
+        samples = sampler.generate(state, history, jax.random.key(turn))
+        for h, sample in zip(history, samples):
+            assert sample.tokens.tolist() == hf_greedy(h)
+            assert sample.finish_reason == "length"
+        history = [h + s.tokens.tolist() + _observation(turn, r) for r, (h, s) in enumerate(zip(history, samples))]
+    assert sampler.stats["reused_tokens"] > 0
+
+    sampling = Sampler(graphdef, config, dataclasses.replace(cfg, temperature=1.0))
+    for prompt, sample in zip(prompts, sampling.generate(state, prompts, jax.random.key(7))):
+        full = prompt + sample.tokens.tolist()
+        with torch.no_grad():
+            logits = hf(torch.tensor([full])).logits[0].double()
+        want = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(
+            -1, torch.tensor(sample.tokens, dtype=torch.long)[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(sample.logprobs, want, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------- stops and limits
