@@ -77,8 +77,8 @@ class SamplerPolicy:
 
     `params` are the parameters as given (the trainer's, which export and warm start read); at each weight sync
     the sampler makes its rollout copy of them once (compute dtype, rollout layout) and forgets its cached rows.
-    `release()` frees the sampler's KV cache (the controller calls it when a rollout batch ends, so that the
-    update that follows has the memory)."""
+    `release()` frees the sampler's KV cache and rollout copy (the controller calls it when a rollout batch ends,
+    so that the update that follows has the memory)."""
 
     def __init__(self, sampler, params, version: int = 0):
         self.sampler, self.params, self.version = sampler, params, version

@@ -37,8 +37,8 @@ parallelism only and replicated over the data axis, so decode steps gather no we
 layout). With the same dtype and layout the parameters themselves are used, not copied. On a mesh every program
 has explicit shardings: rows of the batch and of the KV cache over the data ("fsdp") axis, the cache's kv heads
 over "tp", what the host reads replicated; the cache and the decode state are donated from call to call. New
-parameters invalidate every cached row; `release()` frees the cache's device memory (the controller calls it when
-a rollout batch ends).
+parameters invalidate every cached row; `release()` frees the cache and the rollout copy (the controller calls it
+when a rollout batch ends).
 """
 from __future__ import annotations
 
@@ -260,9 +260,10 @@ class Sampler:
         self._forget_rows()
 
     def release(self) -> None:
-        """Frees the KV cache and decode state (device memory) and forgets the cached rows; the rollout copy of
-        the weights stays. The next `generate` makes a new cache."""
-        self._cache = self._state = None
+        """Frees the KV cache, the decode state and the rollout copy of the weights (device memory the update
+        that follows a rollout batch needs) and forgets the cached rows. The next `generate` makes them again
+        (the rollout copy once, for the parameters it is given)."""
+        self._cache = self._state = self._rollout = self._bound = None
         self._forget_rows()
 
     def _forget_rows(self) -> None:
