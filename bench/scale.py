@@ -27,7 +27,9 @@ Sections:
 - sampler: for each preset, the rollout sampler (`rollout.sampler.Sampler`, its own sharded programs, the preset's
   sampler batch and buckets) per device: the rollout copy of the weights, the KV cache, and the peak of the
   prefill program at every prompt bucket and of the decode program (arguments + outputs - donated aliases +
-  temp, from `memory_analysis`), against the preset's memory target (`SAMPLER_TARGETS`).
+  temp, from `memory_analysis`), against the preset's memory target (`SAMPLER_TARGETS`). The CPU backend has no
+  bf16 matmul and converts every stacked bf16 weight to float32 once per program, so about twice the rollout
+  weights of each temp is a CPU artefact: the figures are conservative for a GPU or TPU.
 - decode_flops: XLA's `cost_analysis` FLOPs of one decode step (the decode program's loop body, layers unrolled)
   of the first model at cache sizes `--decode-caches`: the cache size alone should barely move it, since
   attention visits only the filled key tiles (a loop whose body XLA counts once; what grows with the cache
