@@ -101,6 +101,35 @@ def training_steps(entries: Sequence[Mapping[str, Any]]) -> dict[int, Mapping[st
     return {int(e["step"]): e for e in entries if REWARD_KEY in e}
 
 
+def reward_trend(path: str) -> str:
+    """'training reward (main agent): first N steps a -> last N steps b' of a run's metrics.jsonl, or '' when the
+    run has too few steps to compare (what launch/train.py prints at the end)."""
+    if not os.path.exists(path):
+        return ""
+    per_step = training_steps(read_metrics(path))
+    rewards = [per_step[s][REWARD_KEY] for s in sorted(per_step)]
+    n = min(10, len(rewards) // 2)
+    if n < 1:
+        return ""
+    first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
+    return (f"training reward (main agent, mean of {n} steps): first {n} steps {first:.3f} -> last {n} steps "
+            f"{last:.3f} ({len(rewards)} steps)")
+
+
+def evaluation_curve(path: str) -> str:
+    """'greedy accuracy by step: held-out 0: a%, 10: b%, ...; RL questions ...' from the evaluations during a
+    run (a step's last entry counts), or '' when it made fewer than two (what launch/train.py prints)."""
+    if not os.path.exists(path):
+        return ""
+    entries = read_metrics(path)
+    parts = []
+    for name, key in (("held-out", HELD_OUT_KEY), ("RL questions", RL_QUESTIONS_KEY)):
+        curve = {int(e["step"]): float(e[key]) for e in entries if key in e}
+        if len(curve) > 1:
+            parts.append(f"{name} " + ", ".join(f"{step}: {100 * acc:.1f}%" for step, acc in sorted(curve.items())))
+    return ("greedy accuracy by step: " + "; ".join(parts)) if parts else ""
+
+
 def summarize_run(workdir: str, setting: str, seed: int, *, total_steps: int | None = None,
                   wall_s: float | None = None) -> RunSummary:
     """One run's curves and final held-out evaluation from workdir/metrics.jsonl.
