@@ -317,6 +317,20 @@ def depth_section(args) -> None:
               f"{times[depth].cpu / times[first].cpu:.2f}x cpu")
 
 
+def _preset_agent(name: str, role: str = "main"):
+    """A preset's agent -> (its ConfigDict, ModelConfig at real size with the preset's dtypes, remat and
+    attention, mesh devices, tp)."""
+    model_file = PRESETS[name][0]
+    c = importlib.import_module(f"configs.{name}").get_config()
+    a = c.agents[role]
+    mesh_cfg = a.mesh if "shared_with" not in a.mesh else c.agents[a.mesh["shared_with"]].mesh
+    cfg = model_config(os.path.join(MODELS_DIR, model_file), param_dtype=a.model.param_dtype, dtype=a.model.dtype,
+                       remat=a.model.remat)
+    if "attention" in a.model:
+        cfg = cfg.replace(attention=a.model.attention)
+    return a, cfg, int(mesh_cfg["devices"]), int(mesh_cfg.get("tp", 1))
+
+
 def presets_section(args) -> None:
     print("\n== presets: per device, both agents' params + AdamW + f32 accumulator (they time-share the mesh) "
           "+ the larger micro-batch temp; GiB")
@@ -324,15 +338,9 @@ def presets_section(args) -> None:
         c = importlib.import_module(f"configs.{name}").get_config()
         per_agent = []
         for role in ("main", "sub"):
-            a = c.agents[role]
-            mesh_cfg = a.mesh if "shared_with" not in a.mesh else c.agents[a.mesh["shared_with"]].mesh
-            devices, tp = int(mesh_cfg["devices"]), int(mesh_cfg.get("tp", 1))
+            a, cfg, devices, tp = _preset_agent(name, role)
             context = c.controller.max_main_context if role == "main" else c.controller.max_sub_context
             length = int(a.loss.get("pack_len", 0)) or context  # the packed row length (experiment.pack_length)
-            cfg = model_config(os.path.join(MODELS_DIR, model_file), param_dtype=a.model.param_dtype,
-                               dtype=a.model.dtype, remat=a.model.remat)
-            if "attention" in a.model:
-                cfg = cfg.replace(attention=a.model.attention)
             ts = train_state(cfg, make_mesh(devices, tp))
             compiled, _ = compile_micro_batch(ts, int(a.loss.micro_batch_size), int(length) - 1,
                                               int(a.loss.chunk_size))
@@ -352,16 +360,6 @@ def presets_section(args) -> None:
               + ", ".join(f"{d}: {total / cap:.0%}" for d, cap in OTHER_DEVICES))
 
 
-def _preset_agent(name: str, role: str = "main"):
-    """A preset's agent -> (its ConfigDict, ModelConfig at real size, mesh devices, tp)."""
-    model_file = PRESETS[name][0]
-    c = importlib.import_module(f"configs.{name}").get_config()
-    a = c.agents[role]
-    mesh_cfg = a.mesh if "shared_with" not in a.mesh else c.agents[a.mesh["shared_with"]].mesh
-    cfg = model_config(os.path.join(MODELS_DIR, model_file), param_dtype=a.model.param_dtype, dtype=a.model.dtype)
-    if "attention" in a.model:
-        cfg = cfg.replace(attention=a.model.attention)
-    return a, cfg, int(mesh_cfg["devices"]), int(mesh_cfg.get("tp", 1))
 
 
 def sampler_peak(compiled) -> tuple[int, int]:

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mgrpo_jax.comparison import evaluation_curve, reward_trend  # noqa: E402
+from mgrpo_jax.comparison import evaluation_curve, read_metrics, reward_trend  # noqa: E402
 from mgrpo_jax.train.decoupled import run_role  # noqa: E402
 from mgrpo_jax.train.run import configure_logging  # noqa: E402
 
@@ -53,8 +53,9 @@ def main(argv):
                         "greedy/format_error_rate") if k in metrics]
     if keys:
         print("final: " + ", ".join(f"{k}={metrics[k]:.3f}" for k in keys))
-    for line in (reward_trend(os.path.join(workdir, "metrics.jsonl")),
-                 evaluation_curve(os.path.join(workdir, "metrics.jsonl"))):
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    entries = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    for line in (reward_trend(entries), evaluation_curve(entries)):
         if line:
             print(line)
 

@@ -116,11 +116,18 @@ def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
 ROLES = ("all", "main", "sub")
 
 
+def model_roles(mode: str) -> list[str]:
+    """The roles that have a model of their own: one model plays both roles in single_agent and shared_model."""
+    return ["main"] if mode in ("single_agent", "shared_model") else ["main", "sub"]
+
+
 def check_checkpoints_given(config, job: str = "all") -> None:
     """A preset for real-size models (`agents.<role>.checkpoint_required`) refuses to start without its checkpoint:
-    otherwise the agent would silently be the random `model` block, a toy, on a pod."""
-    roles = ["main"] if config.mode == "single_agent" else ["main", "sub"]
-    for role in roles if job == "all" else [job]:
+    otherwise the agent would silently be the random `model` block, a toy, on a pod. Checks the models `job`
+    builds."""
+    for role in model_roles(config.mode):
+        if job != "all" and role != job:
+            continue
         agent_cfg = config.agents[role]
         if agent_cfg.get("checkpoint_required", False) and not agent_cfg.get("checkpoint", ""):
             raise ValueError(
@@ -201,8 +208,7 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
 
     agents: dict[str, Agent] = {}
     trainers: dict[str, Any] = {}
-    model_roles = ["main"] if mode in ("single_agent", "shared_model") else ["main", "sub"]
-    for i, role in enumerate(model_roles):
+    for i, role in enumerate(model_roles(mode)):
         if job != "all" and role != job:
             continue
         where = f"agents.{role}"

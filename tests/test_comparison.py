@@ -37,18 +37,20 @@ def test_reward_auc_is_the_mean_of_the_per_step_curve():
 def test_what_launch_train_prints_the_reward_trend_and_the_evaluation_curve(tmp_path):
     workdir = str(tmp_path / "run")
     path = os.path.join(workdir, "metrics.jsonl")
-    assert reward_trend(path) == evaluation_curve(path) == ""  # no run yet
+    assert reward_trend([]) == evaluation_curve([]) == ""  # no entries (launch/train.py: no metrics file yet)
     # 4 steps (first 2 vs last 2), evaluations at steps 0, 2 and 4, the step-2 one logged twice (resumed run).
     _write_metrics(workdir, [{"step": 0, "greedy/accuracy": 0.0, "train_greedy/accuracy": 0.25},
                              _step(1, 0.1), _step(2, 0.3), {"step": 2, "greedy/accuracy": 0.5},
                              {"step": 2, "greedy/accuracy": 0.125, "train_greedy/accuracy": 0.5},
                              _step(3, 0.5), _step(4, 0.7), {"step": 4, "greedy/accuracy": 0.25}])
-    assert reward_trend(path) == ("training reward (main agent, mean of 2 steps): first 2 steps 0.200 -> last 2 steps "
-                                  "0.600 (4 steps)")
-    assert evaluation_curve(path) == ("greedy accuracy by step: held-out 0: 0.0%, 2: 12.5%, 4: 25.0%; "
-                                      "RL questions 0: 25.0%, 2: 50.0%")
+    entries = read_metrics(path)
+    assert reward_trend(entries) == ("training reward (main agent, mean of 2 steps): first 2 steps 0.200 -> last 2 "
+                                     "steps 0.600 (4 steps)")
+    assert evaluation_curve(entries) == ("greedy accuracy by step: held-out 0: 0.0%, 2: 12.5%, 4: 25.0%; "
+                                         "RL questions 0: 25.0%, 2: 50.0%")
     _write_metrics(workdir, [_step(1, 0.1), {"step": 1, "greedy/accuracy": 0.5}])
-    assert reward_trend(path) == evaluation_curve(path) == ""  # one step, one evaluation: nothing to compare
+    entries = read_metrics(path)
+    assert reward_trend(entries) == evaluation_curve(entries) == ""  # one step, one evaluation: nothing to compare
 
 
 def test_summarize_run_keeps_the_last_entry_of_each_step_and_the_final_evaluation(tmp_path):

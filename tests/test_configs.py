@@ -124,6 +124,9 @@ def test_real_size_presets_refuse_to_start_without_their_checkpoints(name, tmp_p
     with pytest.raises(ValueError, match="agents.sub.checkpoint is empty"):
         check_checkpoints_given(config)
     check_checkpoints_given(config, "main")  # the decoupled main job builds the main agent only
+    config.mode = "shared_model"  # one model plays both roles: the sub-agent's checkpoint is never read
+    check_checkpoints_given(config)
+    config.mode = "co_train"
     config.agents.sub.checkpoint_required = False  # opting out trains the `model` block from random weights
     check_checkpoints_given(config)
     check_checkpoints_given(importlib.import_module("configs.tiny_cpu").get_config())  # the toy default needs none

@@ -570,7 +570,7 @@ class _Programs:
         self.rollout = None  # made with the parameters' structure (`param_shardings`)
         self.init = jax.jit(with_mesh(sampler._init_impl), out_shardings=(self.cache_shardings, self.state_shardings))
         carried = (self.cache_shardings, self.state_shardings)
-        self._prefill_fn, self._decode_fn, self._sampler = sampler._prefill_impl, sampler._decode_impl, sampler
+        self._prefill_fn, self._decode_fn = sampler._prefill_impl, sampler._decode_impl
         self.prefill = self.decode = None  # built with the parameters' shardings
         self._carried = carried
         self._statics = statics
@@ -603,9 +603,7 @@ class _Programs:
         x = np.asarray(x)
         if self.mesh is None:
             return jnp.asarray(x)
-        target = self.replicated if kind is None or x.ndim == 0 else NamedSharding(
-            self.mesh, PartitionSpec(*self.rows_sharding.spec, *([None] * (x.ndim - 1))))
-        return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+        return jax.make_array_from_callback(x.shape, self._input_sharding(x.ndim, kind), lambda index: x[index])
 
     def abstract(self, tree, shardings):
         if shardings is None:
@@ -615,6 +613,11 @@ class _Programs:
     def abstract_input(self, shape, dtype, kind):
         if self.mesh is None:
             return jax.ShapeDtypeStruct(shape, dtype)
-        target = self.replicated if kind is None or not shape else NamedSharding(
-            self.mesh, PartitionSpec(*self.rows_sharding.spec, *([None] * (len(shape) - 1))))
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=target)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._input_sharding(len(shape), kind))
+
+    def _input_sharding(self, ndim: int, kind: str | None) -> NamedSharding:
+        """An input's sharding: its leading axis over the data axis like the rows ("rows"), or replicated (None,
+        and every scalar)."""
+        if kind is None or ndim == 0:
+            return self.replicated
+        return NamedSharding(self.mesh, PartitionSpec(*self.rows_sharding.spec, *([None] * (ndim - 1))))
