@@ -4,6 +4,7 @@
     python bench/scale.py --sections memory --models configs/models/qwen3_0p6b.json --seq 8192 --remat full
     python bench/scale.py --sections depth --depths 2 36
     python bench/scale.py --sections presets
+    python bench/scale.py --sections sampler,decode_flops
 
 Nothing is materialized: parameters, optimizer state and batches are `jax.ShapeDtypeStruct`s carrying their
 shardings, and every figure comes from `jax.jit(step).lower(abstract args).compile()` on fake CPU devices
@@ -25,6 +26,17 @@ Sections:
 - presets: for each preset in configs/ that names hardware, both agents' parameters + optimizer +
   accumulator (they time-share the devices) + the larger micro-batch temp, per device, against the device's
   memory.
+- sampler: for each preset, the rollout sampler (`rollout.sampler.Sampler`, its own sharded programs, the preset's
+  sampler batch and buckets) per device: the rollout copy of the weights, the KV cache, and the peak of the
+  prefill program at every prompt bucket and of the decode program (arguments + outputs - donated aliases +
+  temp, from `memory_analysis`), against the preset's memory target (`SAMPLER_TARGETS`). The CPU backend has no
+  bf16 matmul and converts every stacked bf16 weight to float32 once per program, so about twice the rollout
+  weights of each temp is a CPU artefact: the figures are conservative for a GPU or TPU.
+- decode_flops: XLA's `cost_analysis` FLOPs of one decode step (the decode program's loop body, layers unrolled)
+  of the first model at cache sizes `--decode-caches`: the cache size alone should barely move it, since
+  attention visits only the filled key tiles (a loop whose body XLA counts once; what grows with the cache
+  outside that loop, e.g. masks over every slot, is counted). Also the measured wall time per decode step of a
+  small model on this CPU at the same position for each cache size (the runtime check of the same claim).
 
 XLA's CPU backend plans memory with its own scheduler and fusion decisions, which approximate but do not
 equal a GPU's or TPU's (the CPU also computes some bf16 ops in float32); the figures are for comparing
@@ -45,14 +57,16 @@ PRESETS = {
     "gpu_qwen3_0p6b": ("qwen3_0p6b.json", "H100 80 GB", 80e9),
     "tpu_pod_qwen3_8b": ("qwen3_8b.json", "v5p 95 GB", 95e9),
 }
+# preset -> the sampler's per-device memory target (issue 13: room left for both agents' training state).
+SAMPLER_TARGETS = {"gpu_qwen3_0p6b": 60 * 2 ** 30, "tpu_pod_qwen3_8b": 80 * 2 ** 30}
 OTHER_DEVICES = (("H100 80 GB", 80e9), ("v5e 16 GB", 16e9), ("v5p 95 GB", 95e9))
 PRESET_DEVICES = 32  # fake devices the presets' meshes need (the TPU preset's fsdp 16 x tp 2)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="memory,depth,lora,presets",
-                        help="comma-separated: memory,depth,lora,presets")
+    parser.add_argument("--sections", default="memory,depth,lora,presets,sampler,decode_flops",
+                        help="comma-separated: memory,depth,lora,presets,sampler,decode_flops")
     parser.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the lora section")
     parser.add_argument("--models", nargs="+", default=[os.path.join(MODELS_DIR, "qwen3_0p6b.json"),
                                                         os.path.join(MODELS_DIR, "qwen3_8b.json")])
@@ -67,12 +81,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 36])
     parser.add_argument("--depth-seq", type=int, default=2048, help="tokens per sequence of the depth section")
     parser.add_argument("--chunk-size", type=int, default=1024, help="loss.chunk_size (log-prob chunks)")
+    parser.add_argument("--decode-caches", type=int, nargs="+", default=[1024, 4096, 16384],
+                        help="cache sizes of the decode_flops section")
+    parser.add_argument("--decode-batch", type=int, default=8, help="sampler rows of the decode_flops section")
     return parser.parse_args()
 
 
 ARGS = parse_args()
 _SECTIONS = set(ARGS.sections.split(","))
-_NEEDED = max(ARGS.devices, PRESET_DEVICES if "presets" in _SECTIONS else 1)
+_NEEDED = max(ARGS.devices, PRESET_DEVICES if _SECTIONS & {"presets", "sampler"} else 1)
 # Must happen before jax is imported: the host platform's device count is fixed when the backend starts.
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
@@ -93,6 +110,7 @@ from mgrpo_jax import sharding  # noqa: E402
 from mgrpo_jax.models import ModelConfig, abstract_model  # noqa: E402
 from mgrpo_jax.models import lora as lora_lib  # noqa: E402
 from mgrpo_jax.models import transformer  # noqa: E402
+from mgrpo_jax.rollout import sampler as sampler_lib  # noqa: E402
 from mgrpo_jax.train import agent as agent_lib  # noqa: E402
 from mgrpo_jax.train import batch as batch_lib  # noqa: E402
 
@@ -338,6 +356,20 @@ def lora_section(args) -> None:
               flush=True)
 
 
+def _preset_agent(name: str, role: str = "main"):
+    """A preset's agent -> (its ConfigDict, ModelConfig at real size with the preset's dtypes, remat and
+    attention, mesh devices, tp)."""
+    model_file = PRESETS[name][0]
+    c = importlib.import_module(f"configs.{name}").get_config()
+    a = c.agents[role]
+    mesh_cfg = a.mesh if "shared_with" not in a.mesh else c.agents[a.mesh["shared_with"]].mesh
+    cfg = model_config(os.path.join(MODELS_DIR, model_file), param_dtype=a.model.param_dtype, dtype=a.model.dtype,
+                       remat=a.model.remat)
+    if "attention" in a.model:
+        cfg = cfg.replace(attention=a.model.attention)
+    return a, cfg, int(mesh_cfg["devices"]), int(mesh_cfg.get("tp", 1))
+
+
 def presets_section(args) -> None:
     print("\n== presets: per device, both agents' params + AdamW + f32 accumulator (they time-share the mesh) "
           "+ the larger micro-batch temp; GiB")
@@ -345,15 +377,9 @@ def presets_section(args) -> None:
         c = importlib.import_module(f"configs.{name}").get_config()
         per_agent = []
         for role in ("main", "sub"):
-            a = c.agents[role]
-            mesh_cfg = a.mesh if "shared_with" not in a.mesh else c.agents[a.mesh["shared_with"]].mesh
-            devices, tp = int(mesh_cfg["devices"]), int(mesh_cfg.get("tp", 1))
+            a, cfg, devices, tp = _preset_agent(name, role)
             context = c.controller.max_main_context if role == "main" else c.controller.max_sub_context
             length = int(a.loss.get("pack_len", 0)) or context  # the packed row length (experiment.pack_length)
-            cfg = model_config(os.path.join(MODELS_DIR, model_file), param_dtype=a.model.param_dtype,
-                               dtype=a.model.dtype, remat=a.model.remat)
-            if "attention" in a.model:
-                cfg = cfg.replace(attention=a.model.attention)
             ts = train_state(cfg, make_mesh(devices, tp))
             compiled, _ = compile_micro_batch(ts, int(a.loss.micro_batch_size), int(length) - 1,
                                               int(a.loss.chunk_size))
@@ -373,6 +399,110 @@ def presets_section(args) -> None:
               + ", ".join(f"{d}: {total / cap:.0%}" for d, cap in OTHER_DEVICES))
 
 
+
+
+def sampler_peak(compiled) -> tuple[int, int]:
+    """(peak bytes per device = arguments + outputs - donated aliases + temp, temp bytes) of a compiled program."""
+    m = compiled.memory_analysis()
+    temp = int(m.temp_size_in_bytes)
+    return (int(m.argument_size_in_bytes) + int(m.output_size_in_bytes) - int(m.alias_size_in_bytes) + temp,
+            temp)
+
+
+def sampler_section(args) -> None:
+    print("\n== sampler per device (compile-only): rollout weights, KV cache, and the peak (args + outputs - "
+          "donated + temp) of prefill at each bucket and of decode; GiB")
+    for name in PRESETS:
+        a, cfg, devices, tp = _preset_agent(name)
+        mesh = make_mesh(devices, tp)
+        scfg = sampler_lib.SamplerConfig(batch_size=int(a.sampler.batch_size),
+                                         max_new_tokens=int(a.sampler.max_new_tokens),
+                                         prompt_buckets=tuple(a.sampler.prompt_buckets))
+        graphdef, state = nnx.split(abstract_model(cfg))
+        params = _abstract(state, sharding.state_shardings(state, mesh))  # the trainer's layout and dtype
+        sampler = sampler_lib.Sampler(graphdef, cfg, scfg, mesh=mesh)
+        rollout = sampler.rollout_params(params)
+        weights = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+                      for x in jax.tree.leaves(rollout))
+        cache_shapes = jax.eval_shape(sampler._init_impl)[0]
+        programs = sampler._programs_for(params)
+        cache = _per_device_bytes(cache_shapes, programs.cache_shardings)
+        target = SAMPLER_TARGETS[name]
+        print(f"{name}: {os.path.basename(PRESETS[name][0])}, mesh fsdp {mesh.shape['fsdp']} x tp {mesh.shape['tp']}, "
+              f"{scfg.batch_size} rows x {scfg.max_len} slots, rollout weights {scfg.rollout_weights!r} in "
+              f"{cfg.dtype}, attention {cfg.attention!r}")
+        print(f"  rollout weights {_gib(weights)}  kv cache {_gib(cache)}  (target {target / GIB:.0f} GiB)")
+        worst = 0
+        rows = [(f"prefill {b}", "prefill", b) for b in scfg.prompt_buckets] + [("decode", "decode", None)]
+        for label, program, bucket in rows:
+            start = time.perf_counter()
+            try:
+                compiled = sampler.lowered(params, program, bucket).compile()
+            except Exception as e:  # noqa: BLE001 - a figure that cannot be had is printed, not fatal
+                print(f"  {label:>13}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                worst = float("inf")
+                continue
+            peak, temp = sampler_peak(compiled)
+            worst = max(worst, peak)
+            print(f"  {label:>13}: peak {_gib(peak)}  temp {_gib(temp)}   ({time.perf_counter() - start:.0f} s to "
+                  f"compile)", flush=True)
+        verdict = "meets" if worst <= target else "MISSES"
+        print(f"  worst {_gib(worst)} GiB per device: {verdict} the {target / GIB:.0f} GiB target")
+
+
+def _decode_sampler(cfg: ModelConfig, rows: int, cache: int) -> sampler_lib.Sampler:
+    new = 16
+    scfg = sampler_lib.SamplerConfig(batch_size=rows, max_new_tokens=new, prompt_buckets=(cache - new,))
+    return sampler_lib.Sampler(nnx.split(abstract_model(cfg))[0], cfg, scfg)
+
+
+def decode_flops_section(args) -> None:
+    base = model_config(args.models[0], param_dtype=args.param_dtype, dtype=args.dtype)
+    # cost_analysis counts a loop body once: unroll the layers. Attention as the presets have it ("auto").
+    cfg = base.replace(scan_unroll=base.num_layers, attention=(args.attention or ["auto"])[0])
+    print(f"\n== decode FLOPs per step (cost_analysis of the decode program's step, layers unrolled): "
+          f"{os.path.basename(args.models[0])}, {args.decode_batch} rows, one device, attention {cfg.attention!r}")
+    params = nnx.split(abstract_model(cfg))[1]
+    flops = {}
+    for cache in args.decode_caches:
+        compiled = _decode_sampler(cfg, args.decode_batch, cache).lowered(params, "decode").compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops[cache] = float(cost["flops"])
+        print(f"  cache {cache:6d}: {flops[cache] / 1e9:8.3f} GFLOP per step", flush=True)
+    first, last = args.decode_caches[0], args.decode_caches[-1]
+    print(f"  {last} vs {first}: {flops[last] / flops[first] - 1:+.1%} (target within 10%)")
+    _decode_wall_time(args)
+
+
+def _decode_wall_time(args) -> None:
+    """Real decode steps of a small model on this CPU: the same prompt (same position) in caches of each size."""
+    from mgrpo_jax.models import init_model
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=32, architecture="qwen3", qk_norm=True,
+                      attention=(args.attention or ["auto"])[0])
+    graphdef, state = nnx.split(init_model(cfg, seed=0))
+    prompt = [[(7 * i + r) % 500 + 3 for i in range(100)] for r in range(4)]
+    print(f"  measured: a {cfg.num_layers}-layer, hidden {cfg.hidden_size} model, 4 rows, 100-token prompts, "
+          f"64 new tokens, greedy, attention {cfg.attention!r}; ms per decoded token on this CPU:")
+    for cache in args.decode_caches:
+        new = 64
+        scfg = sampler_lib.SamplerConfig(batch_size=4, max_new_tokens=new, prompt_buckets=(128, cache - new),
+                                         temperature=0.0)
+        sampler = sampler_lib.Sampler(graphdef, cfg, scfg)
+        sampler.generate(state, prompt, jax.random.key(0))  # compiles
+        best = float("inf")
+        for rep in range(3):
+            sampler.release()
+            before = time.perf_counter()
+            samples = sampler.generate(state, prompt, jax.random.key(rep))
+            best = min(best, time.perf_counter() - before)
+        steps = max(len(s.tokens) for s in samples)
+        print(f"    cache {cache:6d}: {1e3 * best / steps:7.2f} ms per step (prefill included, {steps} steps)",
+              flush=True)
+
+
 def main() -> None:
     args = ARGS
     devices = jax.devices()
@@ -387,6 +517,10 @@ def main() -> None:
         lora_section(args)
     if "presets" in _SECTIONS:
         presets_section(args)
+    if "sampler" in _SECTIONS:
+        sampler_section(args)
+    if "decode_flops" in _SECTIONS:
+        decode_flops_section(args)
 
 
 if __name__ == "__main__":

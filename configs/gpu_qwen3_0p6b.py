@@ -41,6 +41,7 @@ def get_config():
     for role in ("main", "sub"):
         a = c.agents[role]
         a.checkpoint = ""  # set to a local Qwen3-0.6B directory (see the docstring)
+        a.checkpoint_required = True  # without one the agent would be the tiny random model
         a.model.param_dtype = "float32"
         a.model.dtype = "bfloat16"
         a.model.remat = "full"

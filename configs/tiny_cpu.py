@@ -13,6 +13,7 @@ def agent(hidden: int = 64, layers: int = 2, devices: int = 1) -> ConfigDict:
     """One agent: its model, mesh, sampler, optimizer and loss."""
     return ConfigDict({
         "checkpoint": "",  # a Hugging Face directory to start from; "" = random init from `model`
+        "checkpoint_required": False,  # True (the real-size presets): an empty checkpoint is an error
         "model": {"architecture": "qwen3", "hidden_size": hidden, "intermediate_size": 2 * hidden,
                   "num_layers": layers, "num_heads": 4, "num_kv_heads": 2, "head_dim": hidden // 4,
                   "tie_word_embeddings": True, "param_dtype": "float32", "dtype": "float32",

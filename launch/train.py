@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mgrpo_jax.comparison import evaluation_curve, read_metrics, reward_trend  # noqa: E402
 from mgrpo_jax.train.decoupled import run_role  # noqa: E402
 from mgrpo_jax.train.run import configure_logging  # noqa: E402
 
@@ -52,26 +53,11 @@ def main(argv):
                         "greedy/format_error_rate") if k in metrics]
     if keys:
         print("final: " + ", ".join(f"{k}={metrics[k]:.3f}" for k in keys))
-    trend = reward_trend(os.path.join(workdir, "metrics.jsonl"))
-    if trend:
-        print(trend)
-
-
-def reward_trend(path: str) -> str:
-    """'training reward (main agent): first N steps a -> last N steps b' over the whole run, or '' when the run
-    has too few steps to compare."""
-    from mgrpo_jax.comparison import REWARD_KEY, read_metrics, training_steps
-
-    if not os.path.exists(path):
-        return ""
-    per_step = training_steps(read_metrics(path))
-    rewards = [per_step[s][REWARD_KEY] for s in sorted(per_step)]
-    n = min(10, len(rewards) // 2)
-    if n < 1:
-        return ""
-    first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
-    return (f"training reward (main agent, mean of {n} steps): first {n} steps {first:.3f} -> last {n} steps "
-            f"{last:.3f} ({len(rewards)} steps)")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    entries = read_metrics(metrics_path) if os.path.exists(metrics_path) else []
+    for line in (reward_trend(entries), evaluation_curve(entries)):
+        if line:
+            print(line)
 
 
 if __name__ == "__main__":

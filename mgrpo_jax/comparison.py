@@ -101,6 +101,38 @@ def training_steps(entries: Sequence[Mapping[str, Any]]) -> dict[int, Mapping[st
     return {int(e["step"]): e for e in entries if REWARD_KEY in e}
 
 
+def evaluation_curves(entries: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
+    """{HELD_OUT_KEY, RL_QUESTIONS_KEY} -> step -> greedy accuracy of the evaluations logged (a step's last entry
+    counts: a resumed run may log a step twice)."""
+    return {key: {int(e["step"]): float(e[key]) for e in entries if key in e}
+            for key in (HELD_OUT_KEY, RL_QUESTIONS_KEY)}
+
+
+def reward_trend(entries: Sequence[Mapping[str, Any]]) -> str:
+    """'training reward (main agent): first N steps a -> last N steps b' of a run's metrics entries, or '' when
+    the run has too few steps to compare (what launch/train.py prints at the end)."""
+    per_step = training_steps(entries)
+    rewards = [per_step[s][REWARD_KEY] for s in sorted(per_step)]
+    n = min(10, len(rewards) // 2)
+    if n < 1:
+        return ""
+    first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
+    return (f"training reward (main agent, mean of {n} steps): first {n} steps {first:.3f} -> last {n} steps "
+            f"{last:.3f} ({len(rewards)} steps)")
+
+
+def evaluation_curve(entries: Sequence[Mapping[str, Any]]) -> str:
+    """'greedy accuracy by step: held-out 0: a%, 10: b%, ...; RL questions ...' from the evaluations during a
+    run, or '' when it made fewer than two (what launch/train.py prints)."""
+    curves = evaluation_curves(entries)
+    parts = []
+    for name, key in (("held-out", HELD_OUT_KEY), ("RL questions", RL_QUESTIONS_KEY)):
+        curve = curves[key]
+        if len(curve) > 1:
+            parts.append(f"{name} " + ", ".join(f"{step}: {100 * acc:.1f}%" for step, acc in sorted(curve.items())))
+    return ("greedy accuracy by step: " + "; ".join(parts)) if parts else ""
+
+
 def summarize_run(workdir: str, setting: str, seed: int, *, total_steps: int | None = None,
                   wall_s: float | None = None) -> RunSummary:
     """One run's curves and final held-out evaluation from workdir/metrics.jsonl.
@@ -124,8 +156,7 @@ def summarize_run(workdir: str, setting: str, seed: int, *, total_steps: int | N
         raise ValueError(f"{path}: no held-out evaluation after the last step {steps[-1]}; the run did not finish")
     diagnostics = {k: float(np.mean([train[s][k] for s in steps])) for k in DIAGNOSTIC_KEYS
                    if all(k in train[s] for s in steps)}
-    curves = {key: {int(e["step"]): float(e[key]) for e in entries if key in e}  # the last entry of a step counts
-              for key in (HELD_OUT_KEY, RL_QUESTIONS_KEY)}
+    curves = evaluation_curves(entries)
     return RunSummary(setting, int(seed), np.array([train[s][REWARD_KEY] for s in steps], np.float64),
                       np.array([train[s].get(TRAIN_ACCURACY_KEY, np.nan) for s in steps], np.float64),
                       float(final[HELD_OUT_KEY]), float(final.get(FORMAT_ERROR_KEY, np.nan)), wall_s, diagnostics,

@@ -133,6 +133,27 @@ def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
 ROLES = ("all", "main", "sub")
 
 
+def model_roles(mode: str) -> list[str]:
+    """The roles that have a model of their own: one model plays both roles in single_agent and shared_model."""
+    return ["main"] if mode in ("single_agent", "shared_model") else ["main", "sub"]
+
+
+def check_checkpoints_given(config, job: str = "all") -> None:
+    """A preset for real-size models (`agents.<role>.checkpoint_required`) refuses to start without its checkpoint:
+    otherwise the agent would silently be the random `model` block, a toy, on a pod. Checks the models `job`
+    builds."""
+    for role in model_roles(config.mode):
+        if job != "all" and role != job:
+            continue
+        agent_cfg = config.agents[role]
+        if agent_cfg.get("checkpoint_required", False) and not agent_cfg.get("checkpoint", ""):
+            raise ValueError(
+                f"config agents.{role}.checkpoint is empty, but this preset trains a real-size model from a Hugging "
+                f"Face checkpoint (agents.{role}.checkpoint_required=True): set --config.agents.{role}.checkpoint="
+                f"/path/to/the/model (and --config.tokenizer.path), or --config.agents.{role}.checkpoint_required="
+                f"False to train the config's `model` block from random weights")
+
+
 def pack_length(loss: LossConfig, context: int, where: str) -> int:
     """The packed row length of an agent's batches: loss.pack_len, or its context limit when 0. A row must hold
     the longest trajectory the controller can produce, so a shorter pack_len is a config error."""
@@ -170,6 +191,7 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
                              "job's batch shape must be known up front; set an integer d_max")
         if job == "main" and sub_policy is None:
             raise ValueError("role='main' needs sub_policy (the remote sub-agent)")
+    check_checkpoints_given(config, job)
     protocol = make(ProtocolConfig, config.get("protocol", {}), "protocol")
     controller_cfg = make(ControllerConfig, config.controller, "controller")
     data = load_task(config, scratch_dir(workdir), protocol)  # generated data: local even for a gs:// run
@@ -203,8 +225,7 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
 
     agents: dict[str, Agent] = {}
     trainers: dict[str, Any] = {}
-    model_roles = ["main"] if mode in ("single_agent", "shared_model") else ["main", "sub"]
-    for i, role in enumerate(model_roles):
+    for i, role in enumerate(model_roles(mode)):
         if job != "all" and role != job:
             continue
         where = f"agents.{role}"

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from mgrpo_jax.comparison import (RunSummary, _smooth, markdown_table, read_metrics, reward_auc, summarize_run,
-                                  summarize_settings, write_results)
+from mgrpo_jax.comparison import (RunSummary, _smooth, evaluation_curve, markdown_table, read_metrics, reward_auc,
+                                  reward_trend, summarize_run, summarize_settings, write_results)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +32,25 @@ def test_reward_auc_is_the_mean_of_the_per_step_curve():
     for bad in ([], [0.1, float("nan")]):
         with pytest.raises(ValueError, match="finite"):
             reward_auc(bad)
+
+
+def test_what_launch_train_prints_the_reward_trend_and_the_evaluation_curve(tmp_path):
+    workdir = str(tmp_path / "run")
+    path = os.path.join(workdir, "metrics.jsonl")
+    assert reward_trend([]) == evaluation_curve([]) == ""  # no entries (launch/train.py: no metrics file yet)
+    # 4 steps (first 2 vs last 2), evaluations at steps 0, 2 and 4, the step-2 one logged twice (resumed run).
+    _write_metrics(workdir, [{"step": 0, "greedy/accuracy": 0.0, "train_greedy/accuracy": 0.25},
+                             _step(1, 0.1), _step(2, 0.3), {"step": 2, "greedy/accuracy": 0.5},
+                             {"step": 2, "greedy/accuracy": 0.125, "train_greedy/accuracy": 0.5},
+                             _step(3, 0.5), _step(4, 0.7), {"step": 4, "greedy/accuracy": 0.25}])
+    entries = read_metrics(path)
+    assert reward_trend(entries) == ("training reward (main agent, mean of 2 steps): first 2 steps 0.200 -> last 2 "
+                                     "steps 0.600 (4 steps)")
+    assert evaluation_curve(entries) == ("greedy accuracy by step: held-out 0: 0.0%, 2: 12.5%, 4: 25.0%; "
+                                         "RL questions 0: 25.0%, 2: 50.0%")
+    _write_metrics(workdir, [_step(1, 0.1), {"step": 1, "greedy/accuracy": 0.5}])
+    entries = read_metrics(path)
+    assert reward_trend(entries) == evaluation_curve(entries) == ""  # one step, one evaluation: nothing to compare
 
 
 def test_summarize_run_keeps_the_last_entry_of_each_step_and_the_final_evaluation(tmp_path):

@@ -110,3 +110,23 @@ def test_repro_single_agent_has_as_many_parameters_as_main_and_sub_together():
     multi, single = common.warm_start_config("multi"), common.warm_start_config("single")
     both = _parameters(multi.agents.main.model) + _parameters(multi.agents.sub.model)
     assert abs(_parameters(single.agents.main.model) / both - 1) < 0.02
+
+
+@pytest.mark.parametrize("name", ["gpu_qwen3_0p6b", "tpu_pod_qwen3_8b"])
+def test_real_size_presets_refuse_to_start_without_their_checkpoints(name, tmp_path):
+    from mgrpo_jax.experiment import build_experiment, check_checkpoints_given
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    # Through build_experiment, before any data is generated or model built.
+    with pytest.raises(ValueError, match=r"agents.main.checkpoint is empty.*--config.agents.main.checkpoint="):
+        build_experiment(config, str(tmp_path / "run"))
+    config.agents.main.checkpoint = "/models/Qwen3-0.6B"
+    with pytest.raises(ValueError, match="agents.sub.checkpoint is empty"):
+        check_checkpoints_given(config)
+    check_checkpoints_given(config, "main")  # the decoupled main job builds the main agent only
+    config.mode = "shared_model"  # one model plays both roles: the sub-agent's checkpoint is never read
+    check_checkpoints_given(config)
+    config.mode = "co_train"
+    config.agents.sub.checkpoint_required = False  # opting out trains the `model` block from random weights
+    check_checkpoints_given(config)
+    check_checkpoints_given(importlib.import_module("configs.tiny_cpu").get_config())  # the toy default needs none

@@ -19,6 +19,8 @@ Implementations (`attention(..., implementation=...)`, `IMPLEMENTATIONS`):
   plus a `lax.cond`), so causal self-attention visits about half of them. Key tiles are sliced from k/v in
   place (never copied or padded). With `kv_valid_len` (a traced int32 scalar) keys at index >= kv_valid_len
   are masked and their tiles never visited: decode cost follows the filled length of the cache, not its size.
+  With `kv_layer` (forward only) k and v are a KV cache's stacked arrays [L, B, S, Hkv, D] and the tiles of
+  layer `kv_layer` are read straight from them, so a cached step never copies a whole layer of the cache.
 - `cudnn`: cuDNN flash attention (GPU, bf16/fp16) through jax's fused-attention custom call. cuDNN knows
   causal-by-index masks, per-sequence lengths and (Hopper+) packed segments given as offsets, not segment ids
   and slots, so a layout is translated when it is expressible, checked on the device each call:
@@ -260,10 +262,26 @@ def _tile_scores(q_i, k_j, scale: float) -> Array:
     return jnp.einsum("bkgqd,bskd->bkgqs", q_i, k_j, preferred_element_type=_F32) * scale
 
 
-def _key_tile(j, bk: int, k, v, kv_seg, kv_slots):
-    """Key tile j, sliced in place: (start, k_j, v_j [B, bk, K, D], kv_seg_j, kv_slot_j [B, bk])."""
-    start = jnp.minimum(j * bk, k.shape[1] - bk)
-    return (start,) + tuple(lax.dynamic_slice_in_dim(x, start, bk, axis=1) for x in (k, v, kv_seg, kv_slots))
+def _read_words(x: Array, dtype) -> Array:
+    """Keys/values as `dtype`: unsigned integer words (how a KV cache may store them) are bitcast, floats cast."""
+    if jnp.issubdtype(x.dtype, jnp.unsignedinteger):
+        return lax.bitcast_convert_type(x, dtype)
+    return x.astype(dtype)
+
+
+def _key_tile(j, bk: int, k, v, kv_seg, kv_slots, layer=None, dtype=None):
+    """Key tile j, sliced in place: (start, k_j, v_j [B, bk, K, D], kv_seg_j, kv_slot_j [B, bk]).
+
+    With `layer`, k and v are stacked [L, B, S, K, D] and the tile is read from that layer as `dtype`."""
+    start = jnp.minimum(j * bk, kv_seg.shape[1] - bk)
+    seg_j, slot_j = (lax.dynamic_slice_in_dim(x, start, bk, axis=1) for x in (kv_seg, kv_slots))
+    if layer is None:
+        k_j, v_j = (lax.dynamic_slice_in_dim(x, start, bk, axis=1) for x in (k, v))
+    else:
+        zero = jnp.zeros((), jnp.int32)
+        k_j, v_j = (_read_words(lax.dynamic_slice(x, (layer, zero, start, zero, zero),
+                                                  (1, x.shape[1], bk) + x.shape[3:])[0], dtype) for x in (k, v))
+    return start, k_j, v_j, seg_j, slot_j
 
 
 def _tile_mask(j, start, bk: int, q_seg_i, q_slot_i, kv_seg_j, kv_slot_j, kv_len) -> Array:
@@ -273,8 +291,9 @@ def _tile_mask(j, start, bk: int, q_seg_i, q_slot_i, kv_seg_j, kv_slot_j, kv_len
     return (vis & (index >= j * bk)[None, None, :])[:, None, None]
 
 
-def _flash_forward(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk: int):
-    """-> (out [nq, B, K, G, bq, D] in q's dtype, lse [nq, B, K, G, bq] float32; 0 for rows that see nothing)."""
+def _flash_forward(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk: int, layer=None):
+    """-> (out [nq, B, K, G, bq, D] in q's dtype, lse [nq, B, K, G, bq] float32; 0 for rows that see nothing).
+    With `layer`, k and v are stacked caches (`_key_tile`)."""
     scale = qb.shape[-1] ** -0.5
 
     def one_q_block(xs):
@@ -284,7 +303,7 @@ def _flash_forward(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, b
 
         def visit(j, carry):
             m, l, acc = carry
-            start, k_j, v_j, kv_seg_j, kv_slot_j = _key_tile(j, bk, k, v, kv_seg, kv_slots)
+            start, k_j, v_j, kv_seg_j, kv_slot_j = _key_tile(j, bk, k, v, kv_seg, kv_slots, layer, qb.dtype)
             s = _tile_scores(q_i, k_j, scale)
             s = jnp.where(_tile_mask(j, start, bk, q_seg_i, q_slot_i, kv_seg_j, kv_slot_j, kv_len), s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -379,9 +398,10 @@ def _pad_axis1(x: Array, length: int, value=0) -> Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _chunked(q, k, v, q_seg, kv_seg, q_slots, kv_slots, kv_valid_len, block_q: int, block_kv: int) -> Array:
+def _chunked(q, k, v, q_seg, kv_seg, q_slots, kv_slots, kv_valid_len, block_q: int, block_kv: int,
+             kv_layer=None) -> Array:
     b, t, hq, d = q.shape
-    s, hkv = k.shape[1], k.shape[2]
+    s, hkv = k.shape[-3], k.shape[-2]
     g = hq // hkv
     bq, bk = min(block_q, t), min(block_kv, s)
     nq, nk = _cdiv(t, bq), _cdiv(s, bk)
@@ -392,7 +412,10 @@ def _chunked(q, k, v, q_seg, kv_seg, q_slots, kv_slots, kv_valid_len, block_q: i
     flags = _tile_flags(q_seg, q_slots, _pad_axis1(kv_seg, nk * bk), _pad_axis1(kv_slots, nk * bk), kv_len, bq, bk)
     qb = _pad_axis1(q, nq * bq).reshape(b, nq, bq, hkv, g, d).transpose(1, 0, 3, 4, 2, 5)
     q_segb, q_slotb = (x.reshape(b, nq, bq).transpose(1, 0, 2) for x in (q_seg, q_slots))
-    out = _flash(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk)
+    if kv_layer is None:
+        out = _flash(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk)
+    else:  # reading a stacked cache: forward only (nothing differentiates through a KV cache)
+        out = _flash_forward(qb, k, v, q_segb, q_slotb, kv_seg, kv_slots, kv_len, flags, bk, kv_layer)[0]
     return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, hq, d)[:, :t]
 
 
@@ -523,7 +546,8 @@ def _splash(q, k, v, q_seg, kv_seg, q_slots, kv_slots, block_q: int, block_kv: i
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, kv_slots, *, implementation: str = "auto",
-              block_q: int = 512, block_kv: int = 512, kv_valid_len: Any = None, mesh=None) -> Array:
+              block_q: int = 512, block_kv: int = 512, kv_valid_len: Any = None, kv_layer: Any = None,
+              mesh=None) -> Array:
     """Grouped-query attention under segment + slot masking (see the module docstring for the exact mask).
 
     Args:
@@ -536,24 +560,38 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, q_slots, kv_slots, *, impl
       block_q, block_kv: tile sizes of `chunked` (and `splash`, rounded up to multiples of 128).
       kv_valid_len: optional int32 scalar (may be traced): keys at index >= kv_valid_len are invisible and,
         with `chunked`, their tiles are never visited (forward and backward). Forces `chunked` or `dense`.
+      kv_layer: optional int32 scalar (may be traced): k and v are a KV cache's stacked arrays [L, B, S, Hkv, D]
+        (floats, or unsigned integer words of q.dtype's width, bitcast as read) and layer kv_layer is attended;
+        `chunked` reads only the key tiles it visits. Forward only; forces `chunked` or `dense`.
       mesh: the Mesh (axes "fsdp", "tp") that `splash` shards over; also tells `auto` the backend.
     Returns:
       [B, T, Hq, D] in q.dtype; exactly 0 on query rows that see no key.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    _validate(q, k, v, q_segment_ids, kv_segment_ids, q_slots, kv_slots, implementation, block_q, block_kv,
-              kv_valid_len)
-    b, s = k.shape[:2]
+    k_view, v_view = k, v
+    if kv_layer is not None:
+        if k.ndim != 5 or k.shape != v.shape or jnp.ndim(kv_layer) != 0:
+            raise ValueError(f"attention: with kv_layer (a scalar, got shape {jnp.shape(kv_layer)}), k and v are "
+                             f"stacked caches [L, B, S, Hkv, D] of one shape; got k {k.shape}, v {v.shape}")
+        if jnp.dtype(k.dtype).itemsize != jnp.dtype(q.dtype).itemsize and not jnp.issubdtype(k.dtype, jnp.floating):
+            raise ValueError(f"attention: cache words {k.dtype} must have the width of q's dtype {q.dtype}")
+        k_view = v_view = jax.ShapeDtypeStruct(k.shape[1:], q.dtype)
+    _validate(q, k_view, v_view, q_segment_ids, kv_segment_ids, q_slots, kv_slots, implementation, block_q,
+              block_kv, kv_valid_len)
+    b, s = k_view.shape[:2]
     q_seg = jnp.asarray(q_segment_ids, jnp.int32)
     kv_seg = jnp.asarray(kv_segment_ids, jnp.int32)
     q_slots = jnp.asarray(q_slots, jnp.int32)
     kv_slots = jnp.broadcast_to(jnp.asarray(kv_slots, jnp.int32), (b, s))
-    chosen = select_implementation(implementation, q.shape, k.shape, q.dtype, block_kv=block_kv,
-                                   kv_valid_len_given=kv_valid_len is not None, mesh=mesh)
+    chosen = select_implementation(implementation, q.shape, k_view.shape, q.dtype, block_kv=block_kv,
+                                   kv_valid_len_given=kv_valid_len is not None or kv_layer is not None, mesh=mesh)
     if chosen == "dense":
+        if kv_layer is not None:
+            k, v = (_read_words(lax.dynamic_index_in_dim(x, kv_layer, 0, keepdims=False), q.dtype) for x in (k, v))
         return _dense(q, k, v, q_seg, kv_seg, q_slots, kv_slots, kv_valid_len)
     if chosen == "chunked":
-        return _chunked(q, k, v, q_seg, kv_seg, q_slots, kv_slots, kv_valid_len, int(block_q), int(block_kv))
+        return _chunked(q, k, v, q_seg, kv_seg, q_slots, kv_slots, kv_valid_len, int(block_q), int(block_kv),
+                        kv_layer)
     if chosen == "cudnn":
         return _cudnn(q, k, v, q_seg, kv_seg, q_slots, kv_slots, int(block_q), int(block_kv), mesh)
     return _splash(q, k, v, q_seg, kv_seg, q_slots, kv_slots, int(block_q), int(block_kv), mesh)

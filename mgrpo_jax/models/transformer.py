@@ -3,8 +3,9 @@
 One module tree serves three paths that share every layer:
 
 - `Transformer.__call__`: the training / scoring forward over a whole padded (or packed) batch, no cache.
-- `Transformer.prefill`: the same forward that also writes keys and values into a `KVCache`.
-- `Transformer.decode_step`: one new token per row against the cache.
+- `Transformer.extend`: the same forward over a block of new tokens that writes their keys and values into a
+  `KVCache` at per-row slots and attends the cache (the sampler's prefill and decode);
+  `Transformer.prefill` / `decode_step` are its aligned special cases (every row at the same slots).
 
 The layers are one stacked `DecoderLayer` (every parameter has a leading layer axis, logical name "layers")
 applied with `jax.lax.scan`, so the program, and its compile time, do not grow with
@@ -378,14 +379,16 @@ def attention_mask_from_segments(q_segment_ids: Array, q_slots: Array, kv_segmen
 
 @dataclasses.dataclass(frozen=True)
 class _CacheView:
-    """What one scanned layer needs of the stacked KV cache: the caches [L, B, S, kv_heads, head_dim], this
-    layer's index, the slot where the new block is written, the keys' segment ids and slots [B, S], and the
-    filled length (end_index after this write: later slots are empty and never visited by `chunked`)."""
+    """What one scanned layer needs of the stacked KV cache: the caches [L, B, S, kv_heads, head_dim] (words, see
+    `KVCache`), this layer's index, where each new token goes (rows and slots [B, T]; a slot >= S is not
+    written), the keys' segment ids [B, S] (after this write) and slots [S], and the filled extent (`chunked`
+    never visits a tile at or above it)."""
 
     k: Array
     v: Array
     layer: Array
-    write_slot: Array
+    rows: Array
+    write_slots: Array
     segment_ids: Array
     slots: Array
     valid_len: Array
@@ -442,7 +445,7 @@ class Attention(nnx.Module):
         """x [B, T, embed], sin/cos [B, T, head_dim/2], segment_ids / slots [B, T] of these tokens.
 
         Without a cache the keys are this block's own. With `cache` the new keys/values are written into this
-        layer's cache at slots [write_slot, write_slot + T) and the queries attend the whole cache.
+        layer's cache at their rows' slots (`_CacheView`) and the queries attend the cache's filled slots.
         Returns ([B, T, embed], the updated stacked (k, v) caches or None). `dropout_key`: the LoRA adapters'
         dropout (training only).
         """
@@ -453,19 +456,19 @@ class Attention(nnx.Module):
         if c.qk_norm:
             q, k = self.q_norm(q, dt), self.k_norm(k, dt)
         q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        new_cache = None
-        kv_segment_ids, kv_slots, kv_valid_len = segment_ids, slots, None
-        if cache is not None:
-            zero = jnp.zeros((), jnp.int32)
-            at = (cache.layer, zero, cache.write_slot, zero, zero)
-            k_all = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
-            v_all = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
-            new_cache = (k_all, v_all)
-            k = jax.lax.dynamic_index_in_dim(k_all, cache.layer, 0, keepdims=False).astype(dt)
-            v = jax.lax.dynamic_index_in_dim(v_all, cache.layer, 0, keepdims=False).astype(dt)
-            kv_segment_ids, kv_slots, kv_valid_len = cache.segment_ids, cache.slots, cache.valid_len
-        out = attention_lib.attention(q, k, v, segment_ids, kv_segment_ids, slots, kv_slots,
-                                      implementation=c.attention, kv_valid_len=kv_valid_len, mesh=current_mesh())
+        if cache is None:
+            new_cache = None
+            out = attention_lib.attention(q, k, v, segment_ids, segment_ids, slots, slots,
+                                          implementation=c.attention, mesh=current_mesh())
+        else:
+            # Each row's tokens go to their own slots (one scatter into the stacked cache, in place); attention
+            # then reads this layer's key tiles straight from the stacked arrays, up to the filled extent only.
+            write = lambda words, x: words.at[cache.layer, cache.rows, cache.write_slots].set(  # noqa: E731
+                _to_words(x, words.dtype), mode="drop")
+            new_cache = (write(cache.k, k), write(cache.v, v))
+            out = attention_lib.attention(q, new_cache[0], new_cache[1], segment_ids, cache.segment_ids, slots,
+                                          cache.slots, implementation=c.attention, kv_valid_len=cache.valid_len,
+                                          kv_layer=cache.layer, mesh=current_mesh())
         out = checkpoint_name(constrain(out, ("batch", "length", "q_heads", "head_dim")), ATTENTION_OUT)
         y = jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(dt))
         adapter = lora_lib.apply(self, "o", out, dt, dropout_key, 3)
@@ -562,15 +565,31 @@ def stacked_layers(config: ModelConfig, rngs: nnx.Rngs, kind: str = "dense", cou
 # --------------------------------------------------------------------------------------------- KV cache
 
 
+_WORDS = {2: jnp.uint16, 4: jnp.uint32}
+
+
+def _to_words(x: Array, words_dtype: Any) -> Array:
+    """Float keys/values -> the cache's storage words of the same width (a bitcast: the values are unchanged)."""
+    return jax.lax.bitcast_convert_type(x, words_dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Fixed-size decoding cache, a plain pytree (donate it to the jitted prefill/decode step).
+    """Fixed-size decoding cache, a plain pytree (donate it to the jitted step that writes it).
 
-    k, v: every layer's keys/values stacked, [layers, B, max_len, kv_heads, head_dim]; segment_ids [B, max_len]
-    int32 (1 where a real token was written, 0 for empty slots and pads, which are never attended); lengths [B]
-    int32, the real tokens per row; end_index [] int32, the next slot to write (the same for every row: slots
-    are aligned across the batch, so left-padded prompts keep their pads at the front, masked).
+    k, v: every layer's keys/values stacked, [layers, B, max_len, kv_heads, head_dim], in the model's compute
+    dtype stored as unsigned integer words of its width (`values()` bitcasts them back; bit-identical). Words,
+    because XLA's CPU backend converts a 16-bit float buffer to float32 around every dynamic slice or update,
+    i.e. would touch the whole cache per decoded token (and compile-only figures taken on CPU would count it).
+    segment_ids [B, max_len] int32: 1 where a real token was written, 0 for empty slots and pads (never
+    attended). lengths [B] int32: the real tokens per row. end_index [] int32: one past the highest slot holding
+    a real token in any row; attention visits nothing at or above it.
+
+    Rows may be laid out two ways: aligned (`Transformer.prefill` / `decode_step`: every row writes the same
+    slots, left-padded prompts keep their pads at the front, masked), or each row packed from slot 0 and written
+    at its own offset (`Transformer.extend` with per-row slots, `truncate` to reuse a prefix; the sampler's way),
+    where a row's next free slot is its `lengths` entry.
     """
 
     k: Array
@@ -584,13 +603,27 @@ class KVCache:
         return self.segment_ids.shape[1]
 
     @classmethod
-    def init(cls, config: ModelConfig, batch_size: int, max_len: int, dtype: Any = None) -> "KVCache":
-        """An empty cache; dtype defaults to the model's compute dtype."""
-        dtype = dtype or config.dtype
+    def init(cls, config: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
+        """An empty cache for `batch_size` rows of `max_len` slots, holding the compute dtype's values."""
         shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        words = _WORDS[jnp.dtype(config.dtype).itemsize]
+        return cls(k=jnp.zeros(shape, words), v=jnp.zeros(shape, words),
                    segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
                    lengths=jnp.zeros((batch_size,), jnp.int32), end_index=jnp.zeros((), jnp.int32))
+
+    def values(self, dtype: Any) -> tuple[Array, Array]:
+        """(k, v) as `dtype` (the compute dtype the cache was made for), [layers, B, max_len, kv_heads, head_dim]."""
+        return tuple(jax.lax.bitcast_convert_type(x, dtype) for x in (self.k, self.v))
+
+    def truncate(self, keep: Array) -> "KVCache":
+        """Keeps slots [0, keep[b]) of each row b (keep [B] int32; >= max_len keeps the whole row) and empties
+        the rest, so that a row packed from slot 0 can be refilled after a reused prefix (or from 0)."""
+        s = self.max_len
+        slot = jnp.arange(s, dtype=jnp.int32)[None, :]
+        segment_ids = jnp.where(slot < keep[:, None], self.segment_ids, 0)
+        return dataclasses.replace(self, segment_ids=segment_ids,
+                                   lengths=jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
+                                   end_index=jnp.max(jnp.where(segment_ids != 0, slot + 1, 0)).astype(jnp.int32))
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -703,60 +736,70 @@ class Transformer(nnx.Module):
             aux["router_loss"] = c.router_aux_loss_coef * aux["load_balance"] + c.router_z_loss_coef * aux["z_loss"]
         return out, aux
 
-    def _forward_cached(self, tokens: Array, positions: Array, segment_ids: Array,
-                        cache: KVCache) -> tuple[Array, KVCache]:
-        """tokens/positions/segment_ids [B, T] written at slots [end_index, end_index + T). -> (hidden, cache)."""
-        b, t = tokens.shape
-        start = cache.end_index
-        cache_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (jnp.zeros((), jnp.int32),
-                                                                                        start))
-        q_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        kv_slots = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+    def extend(self, tokens: Array, positions: Array, segment_ids: Array, slots: Array,
+               cache: KVCache) -> tuple[Array, KVCache]:
+        """Runs a block of new tokens through the model, writing each real token's keys/values into the cache.
+
+        tokens, positions (RoPE), segment_ids (0 = pad: not written, sees nothing; else 1), slots: [B, T] int32.
+        Token t of row b goes to cache slot slots[b, t] and attends the cache's real tokens at slots <= its own
+        (the cache's earlier tokens of that row and this block's). Slots must lie below `max_len` (a real token at
+        a slot >= max_len is dropped) and never overwrite a slot the row still attends.
+        Returns (hidden [B, T, H] after the final norm, the updated cache).
+        """
+        segment_ids = (segment_ids != 0).astype(jnp.int32)
+        real = segment_ids != 0
+        s = cache.max_len
+        write_slots = jnp.where(real, slots, s)  # pads go out of range: dropped
+        rows = jnp.broadcast_to(jnp.arange(tokens.shape[0], dtype=jnp.int32)[:, None], tokens.shape)
+        cache_segments = cache.segment_ids.at[rows, write_slots].set(1, mode="drop")
+        end_index = jnp.maximum(cache.end_index, jnp.max(jnp.where(real & (slots < s), slots + 1, 0)))
+        kv_slots = jnp.arange(s, dtype=jnp.int32)
         sin, cos = rope_sin_cos(positions, rope_inverse_frequencies(self.config))
 
-        # The whole stacked cache rides in the scan's carry and each layer updates its own slice in place
-        # (dynamic_update_slice), so no per-layer copies of the cache are stacked up.
+        # The whole stacked cache rides in the scan's carry and each layer writes its own rows in place, so no
+        # per-layer copies of the cache are made (and attention reads the tiles it needs from the carry).
         def body(layer, carry, index):
             h, k_all, v_all = carry
-            view = _CacheView(k_all, v_all, index, start, cache_segments, kv_slots, start + t)
-            h, (k_all, v_all) = layer(h, sin, cos, segment_ids, q_slots, view)
+            view = _CacheView(k_all, v_all, index, rows, write_slots, cache_segments, kv_slots, end_index)
+            h, (k_all, v_all) = layer(h, sin, cos, segment_ids, slots, view)
             return h, k_all, v_all
 
-        x, k, v = self._scan_layers(body, (self._embed(tokens), cache.k, cache.v))
+        x, k, v = self._scan_layers(body, (self._embed(tokens), cache.k, cache.v), unroll=self.config.scan_unroll)
         hidden = self.final_norm(x, self.config.dtype)
-        new_cache = KVCache(k=k, v=v, segment_ids=cache_segments,
-                            lengths=cache.lengths + jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
-                            end_index=start + t)
-        return hidden, new_cache
+        written = jnp.sum(real & (slots < s), axis=1, dtype=jnp.int32)
+        return hidden, KVCache(k=k, v=v, segment_ids=cache_segments, lengths=cache.lengths + written,
+                               end_index=end_index)
 
     def prefill(self, tokens: Array, positions: Array, attention_mask: Array, cache: KVCache, *,
                 return_all_logits: bool = False) -> tuple[Array, KVCache]:
         """Run a (left- or right-) padded prompt block through the model, writing it into the cache.
 
-        tokens/positions/attention_mask [B, T]; the block goes to slots [end_index, end_index + T), which must fit
-        in the cache: XLA clamps an out-of-range write (`dynamic_update_slice`), which would silently overwrite
-        the last slots, so size `max_len` for prompt + generation.
+        tokens/positions/attention_mask [B, T]; the block goes to slots [end_index, end_index + T) of every row,
+        which must fit in the cache (a real token past max_len would be dropped), so size `max_len` for
+        prompt + generation.
         Returns (logits [B, V] float32 at each row's last real token, or [B, T, V] with `return_all_logits`,
         updated cache). attention_mask is treated as binary here (no packing in the cache).
         """
         if tokens.shape[1] > cache.max_len:
             raise ValueError(f"prefill: prompt length {tokens.shape[1]} exceeds the cache max_len {cache.max_len}")
+        b, t = tokens.shape
         segment_ids = (attention_mask != 0).astype(jnp.int32)
-        hidden, cache = self._forward_cached(tokens, positions, segment_ids, cache)
+        slots = jnp.broadcast_to(cache.end_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+        hidden, cache = self.extend(tokens, positions, segment_ids, slots, cache)
+        # Aligned rows: the block occupies its T slots in every row, pads included (they stay empty).
+        cache = dataclasses.replace(cache, end_index=jnp.maximum(cache.end_index, slots[0, -1] + 1))
         if return_all_logits:
             return self.logits_from_hidden(hidden), cache
-        t = tokens.shape[1]
         last = t - 1 - jnp.argmax(segment_ids[:, ::-1], axis=1)  # index of the last real token per row
         last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
         return self.logits_from_hidden(last_hidden), cache
 
     def decode_step(self, token: Array, position: Array, cache: KVCache) -> tuple[Array, KVCache]:
-        """One new token per row: token [B] int32, position [B] int32 -> (logits [B, V] float32, cache).
-
-        Writes slot `end_index` (must be < max_len, see `prefill`); every row's token counts as real.
-        """
-        ones = jnp.ones((token.shape[0], 1), jnp.int32)
-        hidden, cache = self._forward_cached(token[:, None], position[:, None], ones, cache)
+        """One new token per row at the aligned slot `end_index` (must be < max_len, see `prefill`): token [B]
+        int32, position [B] int32 -> (logits [B, V] float32, cache). Every row's token counts as real."""
+        b = token.shape[0]
+        slots = jnp.broadcast_to(cache.end_index, (b, 1))
+        hidden, cache = self.extend(token[:, None], position[:, None], jnp.ones((b, 1), jnp.int32), slots, cache)
         return self.logits_from_hidden(hidden[:, 0]), cache
 
 

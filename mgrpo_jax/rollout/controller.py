@@ -73,10 +73,16 @@ class Policy(Protocol):
 
 
 class SamplerPolicy:
-    """A `Sampler` plus the agent's current parameters; the trainer swaps `params` after each update."""
+    """A `Sampler` plus the agent's current parameters; the trainer swaps `params` after each update.
+
+    `params` are the parameters as given (the trainer's, which export and warm start read); at each weight sync
+    the sampler makes its rollout copy of them once (compute dtype, rollout layout) and forgets its cached rows.
+    `release()` frees the sampler's KV cache and rollout copy (the controller calls it when a rollout batch ends,
+    so that the update that follows has the memory)."""
 
     def __init__(self, sampler, params, version: int = 0):
         self.sampler, self.params, self.version = sampler, params, version
+        sampler.prepare(params)
 
     @property
     def max_new_tokens(self) -> int:
@@ -87,7 +93,12 @@ class SamplerPolicy:
         return self.sampler.config.prompt_buckets[-1]
 
     def update(self, params, version: int) -> None:
+        self.sampler.release()
         self.params, self.version = params, version
+        self.sampler.prepare(params)
+
+    def release(self) -> None:
+        self.sampler.release()
 
     def generate(self, prompts, rng, stop_sequences):
         return self.sampler.generate(self.params, prompts, rng, stop_sequences)
@@ -322,6 +333,13 @@ class Controller:
 
     def run(self, questions: Sequence[str], num_rollouts: int, rng: jax.Array) -> RolloutBatch:
         """Q questions x K rollouts -> every main and sub trajectory, token-exact, plus statistics."""
+        try:
+            return self._run(questions, num_rollouts, rng)
+        finally:  # every episode has ended: the policies' KV caches (kept across turns) can go
+            for policy in {id(p): p for p in (self.main_policy, self.sub_policy) if p is not None}.values():
+                getattr(policy, "release", lambda: None)()
+
+    def _run(self, questions: Sequence[str], num_rollouts: int, rng: jax.Array) -> RolloutBatch:
         if num_rollouts < 1 or not questions:
             raise ValueError(f"need at least one question and num_rollouts >= 1, got {len(questions)}, {num_rollouts}")
         cfg, started = self.config, time.perf_counter()

@@ -1,46 +1,81 @@
-"""The KV-cache sampler: a jitted prefill and a `lax.while_loop` decode, compiled once per prompt bucket.
+"""The rollout sampler: a persistent slot cache, prefill of only what a row does not hold yet, continuous batching.
 
-Shapes are fixed for a whole run: the batch is always `batch_size` rows (short batches are padded with inert
-rows), prompts are left-padded to the smallest of a few static `prompt_buckets`, and every call decodes up to
-`max_new_tokens`. So the sampler compiles once per bucket, never per call (LESSONS.md, item 14). A prompt
-longer than the largest bucket is left-truncated or rejected, per `overflow`, never given a new shape.
+The sampler owns `batch_size` rows ("slots") of one KV cache of `prompt_buckets[-1] + max_new_tokens` positions,
+kept across `generate` calls while the weights stay the same. Each row is packed from position 0 and remembers
+the token ids whose keys and values it holds. A prompt is admitted to a free row:
 
-Log-probs are returned under the exact distribution sampled from: softmax(logits / temperature), restricted
-to the top-k / top-p set when those are on (`mgrpo_jax.kernels.filter_logits`, the one definition); greedy
-decoding (temperature 0) picks each token with probability 1, so its log-probs are 0 and it skips the softmax
-and the random keys altogether. They equal what the trainer recomputes with `token_logprobs` /
-`chunked_token_logprobs(..., temperature=, top_k=, top_p=)` given the same three values (LESSONS.md, item 8).
+- a row whose cached tokens are a prefix of the prompt (the previous turn of the same episode: its prompt, its
+  sampled tokens) is continued: only the rest (the observation and the next prompt part) is prefilled, at that
+  row's own offset;
+- otherwise the least recently used free row is evicted and refilled (keeping any prefix it shares).
 
-Weights are arguments: pass the trainer's current parameters (`nnx.State`) and nothing is copied.
+Prefill runs the new tokens of every admitted row as one [batch_size, bucket] block through the model's cached
+forward (`Transformer.extend`, the memory-efficient attention with per-row slots), where bucket is the smallest of
+the static `prompt_buckets` that holds the longest new part. Decoding is a `lax.while_loop` over all rows; each
+step writes one token per running row at that row's length and attends only the filled extent of the cache.
+When more prompts wait than rows are free, the loop returns to the host as soon as enough rows have finished (as
+many as prompts wait, at most half the rows), the freed rows take the next prompts, and decoding resumes: no row
+waits idle for the longest one. Shapes never change: one prefill program per bucket, one decode program, so the
+sampler compiles once per bucket, never per call (LESSONS.md, item 14). A prompt longer than the largest bucket is
+left-truncated or rejected, per `overflow`, never given a new shape.
+
+Results are token-exact whatever the batching: a row's keys and values are the same whether they were prefilled
+in one block or written turn by turn, and every prompt samples from its own random stream
+(fold_in(fold_in(rng, prompt index), token index)), so a prompt's sample does not depend on which row it got,
+what else ran beside it, or when it was admitted. Log-probs are returned under the exact distribution sampled
+from: softmax(logits / temperature), restricted to the top-k / top-p set when those are on
+(`mgrpo_jax.kernels.filter_logits`, the one definition); greedy decoding (temperature 0) picks each token with
+probability 1, so its log-probs are 0 and it skips the softmax and the random keys altogether. They equal what
+the trainer recomputes with `token_logprobs` / `chunked_token_logprobs(..., temperature=, top_k=, top_p=)` given
+the same three values (LESSONS.md, item 8).
+
+Weights and devices: `generate(params, ...)` takes the trainer's parameters (`nnx.State`). The first call with
+new parameters (or `prepare`, which `SamplerPolicy.update` calls at each weight sync) makes the rollout copy once:
+every parameter the model uses in its compute dtype is cast to it (norm scales stay as they are, since the model
+reads them in float32), laid out on the parameters' mesh per `rollout_weights` ("tp": sharded over tensor
+parallelism only and replicated over the data axis, so decode steps gather no weights; "fsdp": the training
+layout). With the same dtype and layout the parameters themselves are used, not copied. On a mesh every program
+has explicit shardings: rows of the batch and of the KV cache over the data ("fsdp") axis, the cache's kv heads
+over "tp", what the host reads replicated; the cache and the decode state are donated from call to call. New
+parameters invalidate every cached row; `release()` frees the cache and the rollout copy (the controller calls it
+when a rollout batch ends).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax.kernels import filter_logits
-from mgrpo_jax.models.transformer import KVCache, ModelConfig, positions_from_mask
+from mgrpo_jax.models.transformer import KVCache, ModelConfig
 
 OVERFLOW_MODES = ("left_truncate", "error")
+ROLLOUT_WEIGHTS = ("tp", "fsdp")
 FINISH_REASONS = ("length", "eos", "stop")  # index = the code in `finish` arrays
 _WILDCARD = -2  # stop-table filler that matches any token
 _NO_TOKEN = -1  # window filler before enough tokens were generated
 _NEVER = -3  # fills unused stop-table rows: equals no token and no filler, so the row never matches
+_REFILL_FRACTION = 0.5  # with prompts waiting, decoding returns once this share of the rows (at most) has finished
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """Static sampling settings (changing any of them compiles a new program).
 
+    batch_size: rows of the slot cache (and of every program).
     temperature: > 0 samples from softmax(logits / temperature); 0 decodes greedily.
     top_k: 0 = off. top_p: 1.0 = off.
-    prompt_buckets: ascending prompt lengths; a prompt is left-padded to the smallest that fits.
+    prompt_buckets: ascending prefill block lengths; the largest is the longest prompt a row takes.
     max_stop_sequences / max_stop_tokens: the fixed shape of the stop table (stop sequences are data).
+    rollout_weights: "tp" or "fsdp", the layout of the rollout copy of the weights on a mesh (module docstring).
     """
 
     batch_size: int
@@ -54,6 +89,7 @@ class SamplerConfig:
     overflow: str = "left_truncate"
     max_stop_sequences: int = 8
     max_stop_tokens: int = 8
+    rollout_weights: str = "tp"
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
@@ -70,6 +106,14 @@ class SamplerConfig:
             raise ValueError(f"sampler needs top_k >= 0 (0 = off) and 0 < top_p <= 1, got {self.top_k}, {self.top_p}")
         if self.overflow not in OVERFLOW_MODES:
             raise ValueError(f"sampler overflow={self.overflow!r} is not supported; choose one of {list(OVERFLOW_MODES)}")
+        if self.rollout_weights not in ROLLOUT_WEIGHTS:
+            raise ValueError(f"sampler rollout_weights={self.rollout_weights!r} is not supported; choose one of "
+                             f"{list(ROLLOUT_WEIGHTS)}")
+
+    @property
+    def max_len(self) -> int:
+        """Positions of a cache row: the longest prompt plus a whole generation."""
+        return self.prompt_buckets[-1] + self.max_new_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,19 +144,132 @@ def stop_table(stop_sequences: Sequence[Sequence[int]], config: SamplerConfig) -
     return table
 
 
-class Sampler:
-    """Batched generation for one model architecture; `generate` takes the weights on every call."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Per-row generation state kept on the devices between calls (B rows, N = max_new_tokens).
 
-    def __init__(self, graphdef: nnx.GraphDef, model_config: ModelConfig, config: SamplerConfig):
+    last [B]: the newest sampled token, not yet fed to the model; count [B]: tokens sampled; done [B]; finish [B]
+    (`FINISH_REASONS` code); window [B, max_stop_tokens]: the last sampled tokens, for stop sequences; prompt [B]:
+    the row's prompt index in its `generate` call (its random stream); tokens / logprobs [B, N]: the sample so far.
+    """
+
+    last: jax.Array
+    count: jax.Array
+    done: jax.Array
+    finish: jax.Array
+    window: jax.Array
+    prompt: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+
+
+def _is_var(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _casts_to_compute(var: nnx.Variable) -> bool:
+    """Whether the model reads this parameter in its compute dtype: everything but the RMSNorm scales, which it
+    reads in float32 (so a cast copy would change the result)."""
+    axes = var.get_metadata().get("out_sharding") or ()
+    return "norm" not in axes and jnp.issubdtype(var.get_value().dtype, jnp.floating)
+
+
+class Sampler:
+    """Batched generation for one model architecture over a persistent slot cache (module docstring).
+
+    mesh: where the programs run; None takes the mesh of the parameters' shardings (none on one device).
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, model_config: ModelConfig, config: SamplerConfig, *,
+                 mesh: jax.sharding.Mesh | None = None):
         self.graphdef = graphdef
         self.model_config = model_config
         self.config = config
-        self._generate = jax.jit(self._generate_impl)
+        self.mesh = mesh
+        # Counters of the work done, for benchmarks and tests: prompt tokens asked for, tokens prefilled, tokens
+        # whose keys/values a row already held, prefill and decode calls, evicted rows, rollout copies made, prompts
+        # admitted while other rows were still decoding (continuous batching).
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._programs: _Programs | None = None
+        self._bound: Any = None  # the parameters the rollout copy and the cached rows were made with
+        self._rollout: Any = None
+        self._cache: KVCache | None = None
+        self._state: DecodeState | None = None
+        self._rows: list[list[int]] = [[] for _ in range(config.batch_size)]  # token ids each row's cache holds
+        self._used = [0] * config.batch_size  # when each row was last admitted (least recently used is evicted)
+        self._clock = 0
+
+    # -------------------------------------------------------------------------------------------- weights
 
     @property
     def compiled_buckets(self) -> int:
-        """How many programs have been compiled so far (one per prompt bucket used)."""
-        return self._generate._cache_size()
+        """How many prefill programs have been compiled so far (one per prompt bucket used)."""
+        p = self._programs
+        return 0 if p is None or p.prefill is None else p.prefill._cache_size()
+
+    @property
+    def compiled_programs(self) -> int:
+        """Every program compiled so far: prefill per bucket, decode, cache creation, the rollout copy."""
+        p = self._programs
+        if p is None:
+            return 0
+        return sum(f._cache_size() for f in (p.prefill, p.decode, p.init, p.rollout) if f is not None)
+
+    def _programs_for(self, params) -> _Programs:
+        if self._programs is None:
+            mesh = self.mesh if self.mesh is not None else _mesh_of(params)
+            self._programs = _Programs(self, mesh)
+        return self._programs
+
+    def rollout_params(self, params):
+        """The weights as sampling reads them (module docstring): kernels, embeddings and biases in the compute
+        dtype, laid out per `rollout_weights`; `params` itself when nothing would change. Accepts abstract
+        parameters (`jax.ShapeDtypeStruct` leaves with shardings) and returns abstract ones."""
+        programs = self._programs_for(params)
+        dt = jnp.dtype(self.model_config.dtype)
+        targets = programs.param_shardings(params)
+        leaves = jax.tree.leaves(params)
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+            shapes = jax.eval_shape(programs.cast, params)
+            if targets is None:
+                return shapes
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, targets)
+        casts = [_casts_to_compute(v) for v in jax.tree.leaves(params, is_leaf=_is_var)]
+        same_dtype = all(x.dtype == dt or not cast for x, cast in zip(leaves, casts))
+        same_layout = targets is None or all(
+            x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, jax.tree.leaves(targets)))
+        if same_dtype and same_layout:
+            return params
+        self.stats["rollout_copies"] += 1
+        return programs.rollout(params)
+
+    @property
+    def rollout(self):
+        """The rollout copy of the bound parameters (`prepare`), or None before any."""
+        return self._rollout
+
+    def prepare(self, params) -> None:
+        """Binds `params`: makes their rollout copy now (once per weight sync) and forgets every cached row
+        (their keys and values came from other weights). `generate` does it itself for new parameters."""
+        if params is self._bound:
+            return
+        self._rollout = None  # the previous copy can go before the new one is made
+        self._rollout = self.rollout_params(params)
+        self._bound = params
+        self._forget_rows()
+
+    def release(self) -> None:
+        """Frees the KV cache, the decode state and the rollout copy of the weights (device memory the update
+        that follows a rollout batch needs) and forgets the cached rows. The next `generate` makes them again
+        (the rollout copy once, for the parameters it is given)."""
+        self._cache = self._state = self._rollout = self._bound = None
+        self._forget_rows()
+
+    def _forget_rows(self) -> None:
+        self._rows = [[] for _ in range(self.config.batch_size)]
+
+    # ----------------------------------------------------------------------------------------- generation
 
     def _bucket(self, length: int) -> int:
         for bucket in self.config.prompt_buckets:
@@ -120,90 +277,347 @@ class Sampler:
                 return bucket
         return self.config.prompt_buckets[-1]
 
-    def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], rng: jax.Array,
-                 stop_sequences: Sequence[Sequence[int]] = ()) -> list[Sample]:
-        """Samples a continuation for each prompt (token ids). More prompts than `batch_size` run in several
-        fixed-size calls. `stop_sequences` are token-id sequences that end a row (as does any of `eos_ids`)."""
+    def _checked(self, prompts) -> tuple[list[list[int]], list[int]]:
         cfg = self.config
-        table = jnp.asarray(stop_table(stop_sequences, cfg))
-        results: list[Sample] = []
-        for start in range(0, len(prompts), cfg.batch_size):
-            chunk = [list(map(int, p)) for p in prompts[start:start + cfg.batch_size]]
-            rng, key = jax.random.split(rng)
-            results.extend(self._generate_chunk(params, chunk, key, table))
-        return results
-
-    def _generate_chunk(self, params, prompts: list[list[int]], rng, table) -> list[Sample]:
-        cfg = self.config
-        longest_bucket = cfg.prompt_buckets[-1]
-        truncated = []
+        longest = cfg.prompt_buckets[-1]
+        out, truncated = [], []
         for i, p in enumerate(prompts):
+            p = [int(t) for t in p]
             if not p:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            cut = max(0, len(p) - longest_bucket)
+            cut = max(0, len(p) - longest)
             if cut and cfg.overflow == "error":
                 raise ValueError(f"prompt {i} has {len(p)} tokens, more than the largest prompt bucket "
-                                 f"{longest_bucket}; raise sampler.prompt_buckets or set overflow='left_truncate'")
+                                 f"{longest}; raise sampler.prompt_buckets or set overflow='left_truncate'")
+            out.append(p[cut:])
             truncated.append(cut)
-            prompts[i] = p[cut:]
-        bucket = self._bucket(max(len(p) for p in prompts))
+        return out, truncated
+
+    def generate(self, params: nnx.State, prompts: Sequence[Sequence[int]], rng: jax.Array,
+                 stop_sequences: Sequence[Sequence[int]] = ()) -> list[Sample]:
+        """Samples a continuation for each prompt (token ids), in order. `stop_sequences` are token-id sequences
+        that end a row (as does any of `eos_ids`). Any number of prompts: they share the rows as they free up."""
+        cfg = self.config
+        prompts, truncated = self._checked(prompts)
+        table = stop_table(stop_sequences, cfg)
+        if not prompts:
+            return []
+        self.prepare(params)
+        programs = self._programs_for(params)
+        if self._cache is None:
+            self._cache, self._state = programs.init()
+        key_data, impl = _key_parts(rng)
+        rows = cfg.batch_size
+        pending = collections.deque(range(len(prompts)))
+        live = np.zeros(rows, bool)
+        owner = np.full(rows, -1)
+        results: list[Sample | None] = [None] * len(prompts)
+        while pending or live.any():
+            free = np.flatnonzero(~live)
+            if pending and free.size:
+                admitted = self._admit(pending, free, prompts)
+                self.stats["admitted_beside_running_rows"] += len(admitted) if live.any() else 0
+                self._prefill(programs, admitted, prompts, key_data, impl, table)
+                for row, i, _ in admitted:
+                    live[row], owner[row] = True, i
+            # With prompts waiting, come back as soon as enough rows have finished to be worth a prefill.
+            target = rows + 1 if not pending else min(len(pending), max(1, int(rows * _REFILL_FRACTION)))
+            self._cache, self._state, view = programs.decode(
+                self._rollout, self._cache, self._state, programs.put(live, "rows"),
+                programs.put(np.int32(target), None), programs.put(key_data, None), impl,
+                programs.put(table, None))
+            self.stats["decode_calls"] += 1
+            tokens, logprobs, count, finish, done = jax.device_get(view)
+            for row in np.flatnonzero(live & done):
+                i, n = owner[row], int(count[row])
+                results[i] = Sample(np.array(tokens[row, :n]), np.array(logprobs[row, :n]),
+                                    FINISH_REASONS[int(finish[row])], truncated[i])
+                # The row holds the prompt and every sampled token but the last (never fed to the model).
+                self._rows[row] = prompts[i] + [int(t) for t in tokens[row, :n - 1]]
+                live[row] = False
+        return results
+
+    def _admit(self, pending: collections.deque, free: np.ndarray, prompts: list[list[int]]):
+        """Pairs waiting prompts with free rows -> [(row, prompt index, kept prefix length)].
+
+        A prompt continues a row whose cached tokens are a prefix of it (the longest such); the others take the
+        least recently used rows and keep whatever prefix those share with them. At least one token is always
+        prefilled (the last prompt token's logits give the first sample)."""
+        take = [pending.popleft() for _ in range(min(len(pending), free.size))]
+        free_rows = [int(r) for r in free]
+        held = {r: self._rows[r] for r in free_rows}
+        admitted, rest = [], []
+        for i in take:
+            p = prompts[i]
+            best = max((r for r in free_rows if held[r] and len(held[r]) < len(p) and p[:len(held[r])] == held[r]),
+                       key=lambda r: len(held[r]), default=None)
+            if best is None:
+                rest.append(i)
+                continue
+            free_rows.remove(best)
+            admitted.append((best, i, len(held[best])))
+        free_rows.sort(key=lambda r: self._used[r])
+        for i, row in zip(rest, free_rows):
+            p, cached = prompts[i], held[row]
+            keep = _common_prefix(p, cached, min(len(p) - 1, len(cached)))
+            self.stats["evictions"] += int(len(cached) > keep)
+            admitted.append((row, i, keep))
+        for row, i, keep in admitted:
+            self._clock += 1
+            self._used[row] = self._clock
+            self._rows[row] = []  # in flux until the row finishes
+            self.stats["prompt_tokens"] += len(prompts[i])
+            self.stats["reused_tokens"] += keep
+            self.stats["prefill_tokens"] += len(prompts[i]) - keep
+        return admitted
+
+    def _prefill(self, programs: _Programs, admitted, prompts, key_data, impl, table) -> None:
+        cfg = self.config
+        bucket = self._bucket(max(len(prompts[i]) - keep for _, i, keep in admitted))
         tokens = np.full((cfg.batch_size, bucket), cfg.pad_id, np.int32)
-        mask = np.zeros((cfg.batch_size, bucket), np.int32)
-        for i, p in enumerate(prompts):  # left padding: every row's last prompt token sits at slot bucket - 1
-            tokens[i, bucket - len(p):] = p
-            mask[i, bucket - len(p):] = 1
-        out_tokens, out_logp, n_new, finish = jax.device_get(
-            self._generate(params, jnp.asarray(tokens), jnp.asarray(mask), rng, table))
-        return [Sample(out_tokens[i, :n_new[i]], out_logp[i, :n_new[i]], FINISH_REASONS[finish[i]], truncated[i])
-                for i in range(len(prompts))]
+        n_new = np.zeros(cfg.batch_size, np.int32)
+        keep_at = np.zeros(cfg.batch_size, np.int32)
+        prompt_ids = np.zeros(cfg.batch_size, np.int32)
+        for row, i, keep in admitted:
+            new = prompts[i][keep:]
+            tokens[row, :len(new)] = new
+            n_new[row], keep_at[row], prompt_ids[row] = len(new), keep, i
+        put = programs.put
+        self._cache, self._state = programs.prefill(
+            self._rollout, self._cache, self._state, put(tokens, "rows"), put(n_new, "rows"), put(keep_at, "rows"),
+            put(prompt_ids, "rows"), put(key_data, None), impl, put(table, None))
+        self.stats["prefill_calls"] += 1
 
-    def _generate_impl(self, params, tokens, mask, rng, table):
-        """tokens/mask [B, L] left-padded -> (tokens [B, N], logprobs [B, N], n_new [B], finish code [B])."""
-        cfg, mcfg = self.config, self.model_config
+    # ------------------------------------------------------------------------------ the traced programs
+
+    def _sample(self, logits, key_data, impl, prompt_ids, counts):
+        """logits [B, V] float32 -> (token [B] int32, log-prob [B] float32), row b from its own stream."""
+        cfg = self.config
+        if cfg.temperature == 0:  # no key, no softmax: the greedy policy picks its token with probability 1
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[:1], jnp.float32)
+        z = filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+        rng = jax.random.wrap_key_data(key_data, impl=impl)
+        keys = jax.vmap(lambda i, c: jax.random.fold_in(jax.random.fold_in(rng, i), c))(prompt_ids, counts)
+        token = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
+        return token, jnp.take_along_axis(jax.nn.log_softmax(z), token[:, None], axis=-1)[:, 0]
+
+    def _stops(self, window, token, table):
+        """-> (hit EOS [B], hit a stop sequence [B]) after `token` entered `window`."""
+        eos = jnp.asarray(self.config.eos_ids or (_NO_TOKEN,), jnp.int32)
+        hit_stop = jnp.any(jnp.all((table[None] == window[:, None]) | (table[None] == _WILDCARD), axis=-1), -1)
+        return jnp.any(token[:, None] == eos[None], axis=-1), hit_stop
+
+    def _init_impl(self):
+        cfg = self.config
+        b, n, w = cfg.batch_size, cfg.max_new_tokens, cfg.max_stop_tokens
+        cache = KVCache.init(self.model_config, b, cfg.max_len)
+        zeros = jnp.zeros((b,), jnp.int32)
+        state = DecodeState(last=zeros, count=zeros, done=jnp.ones((b,), bool), finish=zeros,
+                            window=jnp.full((b, w), _NO_TOKEN, jnp.int32), prompt=zeros,
+                            tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32))
+        return cache, state
+
+    def _prefill_impl(self, params, cache, state, tokens, n_new, keep, prompt_ids, key_data, impl, table):
+        """Rows with n_new > 0 drop their slots from keep on, take tokens[:, :n_new] there and sample their
+        first token; the other rows are untouched. tokens [B, T]; n_new, keep, prompt_ids [B]."""
+        cfg = self.config
         model = nnx.merge(self.graphdef, params)
-        batch, prompt_len = tokens.shape
-        n_new = cfg.max_new_tokens
-        cache = KVCache.init(mcfg, batch, prompt_len + n_new)
-        logits, cache = model.prefill(tokens, positions_from_mask(mask), mask, cache)
-        prompt_lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
-        eos = jnp.asarray(cfg.eos_ids or (_NO_TOKEN,), jnp.int32)
-        window_len = table.shape[1]
+        b, t = tokens.shape
+        refill = n_new > 0
+        cache = cache.truncate(jnp.where(refill, keep, cache.max_len))
+        offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
+        segment_ids = (offsets < n_new[:, None]).astype(jnp.int32)
+        slots = keep[:, None] + offsets
+        hidden, cache = model.extend(tokens, slots * segment_ids, segment_ids, slots, cache)
+        last = jnp.take_along_axis(hidden, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
+        token, logp = self._sample(model.logits_from_hidden(last), key_data, impl, prompt_ids,
+                                   jnp.zeros((b,), jnp.int32))
+        window = jnp.full((b, cfg.max_stop_tokens), _NO_TOKEN, jnp.int32).at[:, -1].set(token)
+        hit_eos, hit_stop = self._stops(window, token, table)
+        fresh = DecodeState(
+            last=token, count=jnp.ones((b,), jnp.int32), done=hit_eos | hit_stop | (cfg.max_new_tokens == 1),
+            finish=jnp.where(hit_eos, 1, jnp.where(hit_stop, 2, 0)).astype(jnp.int32), window=window,
+            prompt=prompt_ids, tokens=jnp.full((b, cfg.max_new_tokens), cfg.pad_id, jnp.int32).at[:, 0].set(token),
+            logprobs=jnp.zeros((b, cfg.max_new_tokens), jnp.float32).at[:, 0].set(logp))
+        pick = lambda new, old: jnp.where(refill.reshape((b,) + (1,) * (new.ndim - 1)), new, old)  # noqa: E731
+        return cache, jax.tree.map(pick, fresh, state)
 
-        greedy = cfg.temperature == 0
+    def _decode_impl(self, params, cache, state, live, target, key_data, impl, table):
+        """Decodes the live rows until none runs, `target` live rows have finished, or N steps. -> (cache,
+        state, what the host reads: tokens, logprobs, count, finish, done)."""
+        cfg = self.config
+        model = nnx.merge(self.graphdef, params)
+        b, n = cfg.batch_size, cfg.max_new_tokens
+        rows = jnp.arange(b, dtype=jnp.int32)
 
-        def sample(logits, key):
-            if greedy:  # no key, no softmax: the greedy policy picks its token with probability 1 (log-prob 0)
-                return jnp.argmax(logits, axis=-1).astype(jnp.int32), jnp.zeros(logits.shape[:1], jnp.float32)
-            z = filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-            token = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
-            return token, jnp.take_along_axis(jax.nn.log_softmax(z), token[:, None], axis=-1)[:, 0]
+        def cond(carry):
+            state, _, steps = carry
+            finished = jnp.sum(live & state.done, dtype=jnp.int32)
+            return jnp.any(live & ~state.done) & (finished < target) & (steps < n)
 
-        def cond(state):
-            step, done = state[0], state[3]
-            return (step < n_new) & ~jnp.all(done)
+        def body(carry):
+            state, cache, steps = carry
+            feed = live & ~state.done
+            at = cache.lengths[:, None]  # packed rows: a row's next slot is its length, and so is its position
+            hidden, cache = model.extend(state.last[:, None], at, feed[:, None].astype(jnp.int32), at, cache)
+            token, logp = self._sample(model.logits_from_hidden(hidden[:, 0]), key_data, impl, state.prompt,
+                                       state.count)
+            token = jnp.where(feed, token, cfg.pad_id)
+            index = jnp.where(feed, state.count, n)  # out of range for the other rows: dropped
+            window = jnp.where(feed[:, None], jnp.concatenate([state.window[:, 1:], token[:, None]], axis=1),
+                               state.window)
+            hit_eos, hit_stop = self._stops(window, token, table)
+            count = state.count + feed.astype(jnp.int32)
+            finish = jnp.where(feed & hit_eos, 1, jnp.where(feed & hit_stop, 2, state.finish)).astype(jnp.int32)
+            state = DecodeState(
+                last=jnp.where(feed, token, state.last), count=count,
+                done=state.done | (feed & (hit_eos | hit_stop | (count >= n))), finish=finish, window=window,
+                prompt=state.prompt, tokens=state.tokens.at[rows, index].set(token, mode="drop"),
+                logprobs=state.logprobs.at[rows, index].set(logp, mode="drop"))
+            return state, cache, steps + 1
 
-        def body(state):
-            step, logits, cache, done, out_tok, out_lp, count, finish, window, rng = state
-            key = None
-            if not greedy:
-                rng, key = jax.random.split(rng)
-            token, logp = sample(logits, key)
-            token = jnp.where(done, cfg.pad_id, token)
-            out_tok = out_tok.at[:, step].set(token)
-            out_lp = out_lp.at[:, step].set(jnp.where(done, 0.0, logp))
-            count = count + (~done).astype(jnp.int32)
-            window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
-            hit_stop = jnp.any(jnp.all((table[None] == window[:, None]) | (table[None] == _WILDCARD), axis=-1), -1)
-            hit_eos = jnp.any(token[:, None] == eos[None], axis=-1)
-            finish = jnp.where(~done & hit_eos, 1, jnp.where(~done & hit_stop, 2, finish))
-            done = done | hit_eos | hit_stop
-            logits, cache = model.decode_step(token, prompt_lengths + step, cache)
-            return step + 1, logits, cache, done, out_tok, out_lp, count, finish, window, rng
+        state, cache, _ = jax.lax.while_loop(cond, body, (state, cache, jnp.zeros((), jnp.int32)))
+        return cache, state, (state.tokens, state.logprobs, state.count, state.finish, state.done)
 
-        inert = prompt_lengths == 0
-        state = (jnp.zeros((), jnp.int32), logits, cache, inert,
-                 jnp.full((batch, n_new), cfg.pad_id, jnp.int32), jnp.zeros((batch, n_new), jnp.float32),
-                 jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32),
-                 jnp.full((batch, window_len), _NO_TOKEN, jnp.int32), rng)
-        state = jax.lax.while_loop(cond, body, state)
-        return state[4], state[5], state[6], state[7]
+    # --------------------------------------------------------------------------------- compile-only use
+
+    def lowered(self, params, program: str, bucket: int | None = None) -> jax.stages.Lowered:
+        """`jit(...).lower(...)` of "prefill" (at `bucket`) or "decode" on abstract shapes, for compile-only
+        memory figures: `params` may be abstract (ShapeDtypeStructs with the training shardings); the rollout
+        copy, the cache and every input are abstract too."""
+        programs = self._programs_for(params)
+        rollout = self.rollout_params(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), params))
+        cache, state = jax.eval_shape(self._init_impl)
+        cache = programs.abstract(cache, programs.cache_shardings)
+        state = programs.abstract(state, programs.state_shardings)
+        b = self.config.batch_size
+        rows = lambda shape, dtype: programs.abstract_input(shape, dtype, "rows")  # noqa: E731
+        key_data, impl = _key_parts(jax.random.key(0))
+        key = programs.abstract_input(key_data.shape, key_data.dtype, None)
+        table = programs.abstract_input((self.config.max_stop_sequences, self.config.max_stop_tokens), jnp.int32,
+                                        None)
+        if program == "prefill":
+            t = bucket or self.config.prompt_buckets[-1]
+            return programs.prefill.lower(rollout, cache, state, rows((b, t), jnp.int32), rows((b,), jnp.int32),
+                                          rows((b,), jnp.int32), rows((b,), jnp.int32), key, impl, table)
+        if program == "decode":
+            return programs.decode.lower(rollout, cache, state, rows((b,), bool),
+                                         programs.abstract_input((), jnp.int32, None), key, impl, table)
+        raise ValueError(f"program must be 'prefill' or 'decode', got {program!r}")
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _key_parts(rng) -> tuple[np.ndarray, str]:
+    """A PRNG key (typed or raw uint32) -> (its raw data on the host, its implementation name)."""
+    rng = rng if isinstance(rng, jax.Array) else jnp.asarray(rng, jnp.uint32)
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a raw jax.random.PRNGKey
+        rng = jax.random.wrap_key_data(rng)
+    return np.asarray(jax.random.key_data(rng)), str(jax.random.key_impl(rng))
+
+
+def _mesh_of(params) -> jax.sharding.Mesh | None:
+    """The mesh of the parameters' NamedShardings, when they span more than one device; else None."""
+    for x in jax.tree.leaves(params):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
+
+
+class _Programs:
+    """A sampler's jitted programs on one mesh (or plain jit on one device), with their shardings."""
+
+    def __init__(self, sampler: Sampler, mesh: jax.sharding.Mesh | None):
+        self.mesh = mesh
+        cfg, mcfg = sampler.config, sampler.model_config
+        self.rules = sharding_lib.DEFAULT_RULES
+        if cfg.rollout_weights == "tp":  # the data axis holds whole copies of the weights: no per-step gathers
+            self.rules = tuple((name, None if name == "embed" else target) for name, target in self.rules)
+        dt = jnp.dtype(mcfg.dtype)
+
+        def cast(state):
+            return jax.tree.map(lambda v: v.replace(v.get_value().astype(dt)) if _casts_to_compute(v) else v,
+                                state, is_leaf=_is_var)
+
+        self.cast = cast
+        statics = dict(static_argnames=("impl",))
+        if mesh is None:
+            self.cache_shardings = self.state_shardings = None
+            self.rollout = jax.jit(cast)
+            self.init = jax.jit(sampler._init_impl)
+            self.prefill = jax.jit(sampler._prefill_impl, donate_argnums=(1, 2), **statics)
+            self.decode = jax.jit(sampler._decode_impl, donate_argnums=(1, 2), **statics)
+            return
+        shapes = jax.eval_shape(sampler._init_impl)
+        named = lambda axes, shape: NamedSharding(mesh, sharding_lib.logical_to_pspec(  # noqa: E731
+            axes, sharding_lib.DEFAULT_RULES, mesh, shape))
+        cache_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+        c = shapes[0]
+        self.cache_shardings = KVCache(k=named(cache_axes, c.k.shape), v=named(cache_axes, c.v.shape),
+                                       segment_ids=named(("batch", "length"), c.segment_ids.shape),
+                                       lengths=named(("batch",), c.lengths.shape), end_index=self.replicated)
+        self.state_shardings = jax.tree.map(lambda x: named(("batch",) + (None,) * (x.ndim - 1), x.shape), shapes[1])
+        self.rows_sharding = named(("batch",), (cfg.batch_size,))
+        with_mesh = lambda f: sharding_lib.with_mesh(f, mesh)  # noqa: E731
+        self._param_shardings = None
+        self.rollout = None  # made with the parameters' structure (`param_shardings`)
+        self.init = jax.jit(with_mesh(sampler._init_impl), out_shardings=(self.cache_shardings, self.state_shardings))
+        carried = (self.cache_shardings, self.state_shardings)
+        self._prefill_fn, self._decode_fn = sampler._prefill_impl, sampler._decode_impl
+        self.prefill = self.decode = None  # built with the parameters' shardings
+        self._carried = carried
+        self._statics = statics
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def param_shardings(self, params):
+        """The rollout copy's shardings on the mesh (None without one); builds the programs that take it."""
+        if self.mesh is None:
+            return None
+        if self._param_shardings is None:
+            shardings = sharding_lib.state_shardings(params, self.mesh, self.rules)
+            self._param_shardings = shardings
+            with_mesh = lambda f: sharding_lib.with_mesh(f, self.mesh)  # noqa: E731
+            rows, rep = self.rows_sharding, self.replicated
+            self.rollout = jax.jit(self.cast, out_shardings=shardings)
+            self.prefill = jax.jit(
+                with_mesh(self._prefill_fn), donate_argnums=(1, 2), out_shardings=self._carried,
+                in_shardings=(shardings, *self._carried, rows, rows, rows, rows, rep, rep), **self._statics)
+            self.decode = jax.jit(
+                with_mesh(self._decode_fn), donate_argnums=(1, 2), out_shardings=(*self._carried, rep),
+                in_shardings=(shardings, *self._carried, rows, rep, rep, rep), **self._statics)
+        return self._param_shardings
+
+    def put(self, x: np.ndarray, kind: str | None):
+        """A host array -> the devices: rows over the data axis ("rows"), or replicated (None). Every process
+        passes the same array; each device takes its own slice (also under multi-controller JAX)."""
+        x = np.asarray(x)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.make_array_from_callback(x.shape, self._input_sharding(x.ndim, kind), lambda index: x[index])
+
+    def abstract(self, tree, shardings):
+        if shardings is None:
+            return tree
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    def abstract_input(self, shape, dtype, kind):
+        if self.mesh is None:
+            return jax.ShapeDtypeStruct(shape, dtype)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._input_sharding(len(shape), kind))
+
+    def _input_sharding(self, ndim: int, kind: str | None) -> NamedSharding:
+        """An input's sharding: its leading axis over the data axis like the rows ("rows"), or replicated (None,
+        and every scalar)."""
+        if kind is None or ndim == 0:
+            return self.replicated
+        return NamedSharding(self.mesh, PartitionSpec(*self.rows_sharding.spec, *([None] * (ndim - 1))))
