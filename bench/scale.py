@@ -56,9 +56,12 @@ MODELS_DIR = os.path.join(ROOT, "configs", "models")
 PRESETS = {
     "gpu_qwen3_0p6b": ("qwen3_0p6b.json", "H100 80 GB", 80e9),
     "tpu_pod_qwen3_8b": ("qwen3_8b.json", "v5p 95 GB", 95e9),
+    "gpu_qwen3_30b_a3b_lora": ("qwen3_30b_a3b.json", "H100 80 GB", 80e9),
+    "tpu_pod_qwen3_30b_a3b": ("qwen3_30b_a3b.json", "v5p 95 GB", 95e9),
 }
 # preset -> the sampler's per-device memory target (issue 13: room left for both agents' training state).
-SAMPLER_TARGETS = {"gpu_qwen3_0p6b": 60 * 2 ** 30, "tpu_pod_qwen3_8b": 80 * 2 ** 30}
+SAMPLER_TARGETS = {"gpu_qwen3_0p6b": 60 * 2 ** 30, "tpu_pod_qwen3_8b": 80 * 2 ** 30,
+                   "gpu_qwen3_30b_a3b_lora": 60 * 2 ** 30, "tpu_pod_qwen3_30b_a3b": 80 * 2 ** 30}
 OTHER_DEVICES = (("H100 80 GB", 80e9), ("v5e 16 GB", 16e9), ("v5p 95 GB", 95e9))
 PRESET_DEVICES = 32  # fake devices the presets' meshes need (the TPU preset's fsdp 16 x tp 2)
 
@@ -67,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="memory,depth,lora,presets,sampler,decode_flops",
                         help="comma-separated: memory,depth,lora,presets,sampler,decode_flops")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS),
+                        help="the presets of the presets and sampler sections (default: all)")
     parser.add_argument("--lora-rank", type=int, default=16, help="adapter rank of the lora section")
     parser.add_argument("--models", nargs="+", default=[os.path.join(MODELS_DIR, "qwen3_0p6b.json"),
                                                         os.path.join(MODELS_DIR, "qwen3_8b.json")])
@@ -106,7 +111,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mgrpo_jax import sharding  # noqa: E402
+from mgrpo_jax import experiment, sharding  # noqa: E402
 from mgrpo_jax.models import ModelConfig, abstract_model  # noqa: E402
 from mgrpo_jax.models import lora as lora_lib  # noqa: E402
 from mgrpo_jax.models import transformer  # noqa: E402
@@ -117,14 +122,18 @@ from mgrpo_jax.train import batch as batch_lib  # noqa: E402
 GIB = 2 ** 30
 
 
-def model_config(path: str, **overrides) -> ModelConfig:
-    """A Hugging Face config.json (its values, as shipped in configs/models/) -> ModelConfig."""
+def hf_config(path: str):
+    """A Hugging Face config.json (its values, as shipped in configs/models/) -> transformers' config object."""
     import transformers
 
     with open(path, encoding="utf-8") as fh:
         values = json.load(fh)
-    hf_config = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
-    return ModelConfig.from_hf(hf_config).replace(**overrides)
+    return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def model_config(path: str, **overrides) -> ModelConfig:
+    """A Hugging Face config.json -> ModelConfig."""
+    return ModelConfig.from_hf(hf_config(path)).replace(**overrides)
 
 
 def remat_policies() -> tuple[str, ...]:
@@ -357,39 +366,47 @@ def lora_section(args) -> None:
 
 
 def _preset_agent(name: str, role: str = "main"):
-    """A preset's agent -> (its ConfigDict, ModelConfig at real size with the preset's dtypes, remat and
-    attention, mesh devices, tp)."""
-    model_file = PRESETS[name][0]
+    """A preset's agent -> (its ConfigDict, the ModelConfig it would run with the preset's checkpoint (shapes from
+    configs/models/; dtypes, remat, attention, MoE and LoRA settings from the preset, as `launch/train.py` builds
+    them), its mesh)."""
     c = importlib.import_module(f"configs.{name}").get_config()
     a = c.agents[role]
+    cfg = experiment.checkpoint_model_config(hf_config(os.path.join(MODELS_DIR, PRESETS[name][0])), a,
+                                             f"agents.{role}")
     mesh_cfg = a.mesh if "shared_with" not in a.mesh else c.agents[a.mesh["shared_with"]].mesh
-    cfg = model_config(os.path.join(MODELS_DIR, model_file), param_dtype=a.model.param_dtype, dtype=a.model.dtype,
-                       remat=a.model.remat)
-    if "attention" in a.model:
-        cfg = cfg.replace(attention=a.model.attention)
-    return a, cfg, int(mesh_cfg["devices"]), int(mesh_cfg.get("tp", 1))
+    mesh = make_mesh(int(mesh_cfg["devices"]), int(mesh_cfg.get("tp", 1)), int(mesh_cfg.get("expert", 1)))
+    return a, cfg, mesh
+
+
+def _mesh_text(mesh) -> str:
+    return " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items())
 
 
 def presets_section(args) -> None:
     print("\n== presets: per device, both agents' params + AdamW + f32 accumulator (they time-share the mesh) "
           "+ the larger micro-batch temp; GiB")
-    for name, (model_file, device, capacity) in PRESETS.items():
+    for name in args.presets:
+        model_file, device, capacity = PRESETS[name]
         c = importlib.import_module(f"configs.{name}").get_config()
-        per_agent = []
+        per_agent, temps = [], {}
         for role in ("main", "sub"):
-            a, cfg, devices, tp = _preset_agent(name, role)
+            a, cfg, mesh = _preset_agent(name, role)
             context = c.controller.max_main_context if role == "main" else c.controller.max_sub_context
             length = int(a.loss.get("pack_len", 0)) or context  # the packed row length (experiment.pack_length)
-            ts = train_state(cfg, make_mesh(devices, tp))
-            compiled, _ = compile_micro_batch(ts, int(a.loss.micro_batch_size), int(length) - 1,
-                                              int(a.loss.chunk_size))
-            per_agent.append((role, ts, temp_bytes(compiled), int(a.loss.micro_batch_size), int(length)))
+            ts = train_state(cfg, mesh)
+            key = (cfg, mesh, int(a.loss.micro_batch_size), length, int(a.loss.chunk_size))
+            if key not in temps:  # the roles of most presets are the same program: compile it once
+                compiled, _ = compile_micro_batch(ts, key[2], length - 1, key[4])
+                temps[key] = temp_bytes(compiled)
+            per_agent.append((role, ts, temps[key], key[2], length))
         state = sum(ts.state_bytes for _, ts, _, _, _ in per_agent)
         temp = max(t for _, _, t, _, _ in per_agent)
         total = state + temp
         ts0 = per_agent[0][1]
-        print(f"{name}: {os.path.basename(model_file)}, mesh fsdp {ts0.mesh.shape['fsdp']} x tp "
-              f"{ts0.mesh.shape['tp']}, remat {ts0.config.remat!r}, compute {ts0.config.dtype}")
+        lora = ts0.config.lora
+        print(f"{name}: {os.path.basename(model_file)}, mesh {_mesh_text(ts0.mesh)}, params "
+              f"{ts0.config.param_dtype}{f', LoRA rank {lora.rank}' if lora else ''}, remat {ts0.config.remat!r}, "
+              f"compute {ts0.config.dtype}")
         for role, ts, t, rows, length in per_agent:
             print(f"  {role}: state {_gib(ts.state_bytes)} (params {_gib(ts.params_bytes).strip()}, adamw "
                   f"{_gib(ts.opt_bytes).strip()}, acc {_gib(ts.accumulator_bytes).strip()})  temp {_gib(t)} "
@@ -412,9 +429,8 @@ def sampler_peak(compiled) -> tuple[int, int]:
 def sampler_section(args) -> None:
     print("\n== sampler per device (compile-only): rollout weights, KV cache, and the peak (args + outputs - "
           "donated + temp) of prefill at each bucket and of decode; GiB")
-    for name in PRESETS:
-        a, cfg, devices, tp = _preset_agent(name)
-        mesh = make_mesh(devices, tp)
+    for name in args.presets:
+        a, cfg, mesh = _preset_agent(name)
         scfg = sampler_lib.SamplerConfig(batch_size=int(a.sampler.batch_size),
                                          max_new_tokens=int(a.sampler.max_new_tokens),
                                          prompt_buckets=tuple(a.sampler.prompt_buckets))
@@ -428,7 +444,7 @@ def sampler_section(args) -> None:
         programs = sampler._programs_for(params)
         cache = _per_device_bytes(cache_shapes, programs.cache_shardings)
         target = SAMPLER_TARGETS[name]
-        print(f"{name}: {os.path.basename(PRESETS[name][0])}, mesh fsdp {mesh.shape['fsdp']} x tp {mesh.shape['tp']}, "
+        print(f"{name}: {os.path.basename(PRESETS[name][0])}, mesh {_mesh_text(mesh)}, "
               f"{scfg.batch_size} rows x {scfg.max_len} slots, rollout weights {scfg.rollout_weights!r} in "
               f"{cfg.dtype}, attention {cfg.attention!r}")
         print(f"  rollout weights {_gib(weights)}  kv cache {_gib(cache)}  (target {target / GIB:.0f} GiB)")

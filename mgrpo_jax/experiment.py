@@ -32,11 +32,11 @@ TASK_KINDS = ("synthetic", "files")
 MODEL_KEYS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
               "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings", "param_dtype", "dtype", "remat",
               "attention") + ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-                              "decoder_sparse_step", "mlp_only_layers", "moe_matmul", "router_aux_loss_coef",
-                              "router_z_loss_coef")
+                              "decoder_sparse_step", "mlp_only_layers", "moe_matmul", "moe_chunk_tokens",
+                              "router_aux_loss_coef", "router_z_loss_coef")
 # How a model runs rather than what it is: taken from `agents.<role>.model` also when the architecture comes from
 # a checkpoint's config.json.
-RUN_KEYS = ("moe_matmul", "router_aux_loss_coef", "router_z_loss_coef")
+RUN_KEYS = ("moe_matmul", "moe_chunk_tokens", "router_aux_loss_coef", "router_z_loss_coef")
 
 
 def to_dict(value: Any) -> Any:
@@ -109,19 +109,25 @@ def _lora(agent_cfg, where: str):
         raise ValueError(f"config {where}.{e}") from e
 
 
+def checkpoint_model_config(hf_config, agent_cfg, where: str) -> ModelConfig:
+    """The ModelConfig an agent runs with a checkpoint whose Hugging Face config is `hf_config`: the architecture
+    from the checkpoint, how it runs (dtypes, remat, attention, `RUN_KEYS`) and its LoRA adapters from
+    `agents.<role>` (also used by bench/scale.py on the presets' shapes)."""
+    model = agent_cfg.model
+    run = {k: v for k, v in to_dict(model).items() if k in RUN_KEYS}
+    return ModelConfig.from_hf(hf_config, param_dtype=model.get("param_dtype", "float32"),
+                               dtype=model.get("dtype", "float32"), remat=model.get("remat", False),
+                               attention=model.get("attention", "dense")).replace(**run, lora=_lora(agent_cfg, where))
+
+
 def _load_or_init(agent_cfg, tokenizer, mesh, where: str, seed: int):
     """(graphdef, params, param_shardings, model_config), born sharded on `mesh`."""
     from mgrpo_jax.models import hf
 
     checkpoint = agent_cfg.get("checkpoint", "")
     if checkpoint:
-        model_cfg = hf.load_config(checkpoint, param_dtype=agent_cfg.model.get("param_dtype", "float32"),
-                                   dtype=agent_cfg.model.get("dtype", "float32"),
-                                   remat=agent_cfg.model.get("remat", False),
-                                   attention=agent_cfg.model.get("attention", "dense"))
+        model_cfg = checkpoint_model_config(hf.load_hf_config(checkpoint), agent_cfg, where)
         hf.check_tokenizer(tokenizer, model_cfg, where=f"{where} tokenizer")
-        run = {k: v for k, v in to_dict(agent_cfg.model).items() if k in RUN_KEYS}
-        model_cfg = model_cfg.replace(**run, lora=_lora(agent_cfg, where))
         shardings = sharding.state_shardings(nnx.state(nnx.eval_shape(lambda: init_model(model_cfg))), mesh)
         graphdef, params = hf.load_params(checkpoint, model_cfg, shardings=shardings, lora_seed=seed)
         return graphdef, params, shardings, model_cfg

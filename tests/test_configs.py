@@ -42,7 +42,8 @@ def test_preset_sections_validate(name):
         context = controller.max_main_context if role == "main" else controller.max_sub_context
         pack_length(loss, context, f"agents.{role}")  # packed rows hold the longest trajectory
         mesh = config.agents[config.agents[role].mesh.get("shared_with") or role].mesh
-        assert loss.micro_batch_size % mesh.fsdp == 0  # packed rows split over the data-parallel axis
+        # packed rows split over the data-parallel axes (fsdp, and expert where experts are split)
+        assert loss.micro_batch_size % (mesh.fsdp * mesh.get("expert", 1)) == 0
         assert sampler.prompt_buckets[-1] >= context - sampler.max_new_tokens, (role, sampler.prompt_buckets)
     if config.mode == "shared_model":  # one model (main's sampler) also runs the sub-agent's episodes
         sampler = make(SamplerConfig, config.agents.main.sampler, "agents.main.sampler")
@@ -63,6 +64,15 @@ def test_repro_settings_share_one_budget_and_start_from_their_warm_start():
     same = lambda c: (c.total_steps, c.mgrpo.num_queries, c.mgrpo.num_rollouts, c.eval_questions,  # noqa: E731
                       c.eval_every, c.eval_train_questions, c.task.to_dict(), to_dict(c.agents.main.optimizer),
                       loss(c), to_dict(c.mgrpo.rewards), c.controller.max_observation_tokens)
+    # co_train_lora differs from co_train in its adapters and their (larger) learning rate alone.
+    lora = configs.pop("co_train_lora")
+    assert lora.agents.main.lora.rank == lora.agents.sub.lora.rank == common.LORA_RANK
+    assert configs["co_train"].agents.main.lora.rank == 0
+    for role in ("main", "sub"):
+        assert lora.agents[role].optimizer.learning_rate == common.LORA_LEARNING_RATE
+        lora.agents[role].lora = configs["co_train"].agents[role].lora
+        lora.agents[role].optimizer = configs["co_train"].agents[role].optimizer
+    assert to_dict(lora) == to_dict(configs["co_train"])
     assert len({repr(same(c)) for c in configs.values()}) == 1
     any_config = configs["co_train"]
     assert any_config.task.rl_fraction > 0 and not any_config.task.skip_train_questions
@@ -112,7 +122,8 @@ def test_repro_single_agent_has_as_many_parameters_as_main_and_sub_together():
     assert abs(_parameters(single.agents.main.model) / both - 1) < 0.02
 
 
-@pytest.mark.parametrize("name", ["gpu_qwen3_0p6b", "tpu_pod_qwen3_8b"])
+@pytest.mark.parametrize("name", ["gpu_qwen3_0p6b", "tpu_pod_qwen3_8b", "gpu_qwen3_30b_a3b_lora",
+                                  "tpu_pod_qwen3_30b_a3b"])
 def test_real_size_presets_refuse_to_start_without_their_checkpoints(name, tmp_path):
     from mgrpo_jax.experiment import build_experiment, check_checkpoints_given
 

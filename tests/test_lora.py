@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import peft
 import pytest
 import torch
 import transformers
@@ -224,7 +225,6 @@ def test_merged_export_equals_base_plus_adapters_in_transformers(config, tmp_pat
 
 
 def test_peft_export_loads_onto_the_base_model_with_peft(tmp_path):
-    peft = pytest.importorskip("peft")
     model = _randomize_adapters(init_model(DENSE, seed=0))
     adapters, base = lora.split(nnx.state(model))
     save_hf(base, DENSE.replace(lora=None), str(tmp_path / "base"))

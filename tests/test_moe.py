@@ -101,6 +101,11 @@ def test_logits_match_transformers_on_padded_batches(family):
     # Pads take no expert row and attend nothing: other pad tokens change no real logit.
     other_pads = np.where(MASK == 1, TOKENS, (TOKENS * 7 + 1) % VOCAB)
     np.testing.assert_array_equal(_ours(model, tokens=other_pads)[real], ours[real])
+    # Tokens run through the experts in chunks (7 of the 32 tokens at a time, the last chunk padded) give the
+    # same logits: a token's output depends on the token alone.
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: init_model(config.replace(moe_chunk_tokens=7))))
+    chunked = nnx.merge(graphdef, nnx.state(model))
+    np.testing.assert_allclose(_ours(chunked)[real], ours[real], atol=1e-5, rtol=0)
 
 
 def test_save_load_round_trip_is_bit_exact(family, tmp_path):
@@ -238,15 +243,17 @@ def _segments(seed, count=10):
     return [Segment(_trajectory(rng, int(rng.integers(6, 20)), i), float(rng.normal()), 1.0) for i in range(count)]
 
 
-def _trainer(layout, devices):
+def _trainer(layout, devices, config=EP_CONFIG):
     mesh = sharding.make_agent_meshes({"main": layout}, devices=devices)["main"]
-    graphdef, params, shardings = sharding.born_sharded(lambda: init_model(EP_CONFIG, 3), mesh)
+    graphdef, params, shardings = sharding.born_sharded(lambda: init_model(config, 3), mesh)
     return AgentTrainer("main", graphdef, params, shardings, OptimizerConfig(learning_rate=1e-2, weight_decay=0.0),
                         LossConfig(micro_batch_size=4, chunk_size=16), row_len=24)
 
 
 def test_expert_parallel_update_equals_the_single_device_update_and_compiles_once():
-    ep = _trainer(EP_LAYOUT, jax.devices())
+    # The expert-parallel side also runs each device's 24 tokens through the experts in chunks of 5 (the last
+    # padded), each chunk's gathers and reduce-scatters in lockstep across the expert group.
+    ep = _trainer(EP_LAYOUT, jax.devices(), EP_CONFIG.replace(moe_chunk_tokens=5))
     one = _trainer({"devices": 1}, jax.devices()[:1])
     gate = ep.params["layers"][0]["mlp"]["gate_kernel"].get_value()  # the run of the two MoE layers
     assert gate.sharding.spec == sharding.PartitionSpec(None, "expert", "fsdp", "tp")

@@ -17,7 +17,8 @@ that out, and greedy accuracy rises when it flips the agents' preference. Each s
 RL questions every `EVAL_EVERY` steps (the curves) and before the first step.
 
     warm start     its settings                                       one model per ...
-    multi          co_train, co_train_no_alignment, main_only         role (main, sub)
+    multi          co_train, co_train_no_alignment, main_only,        role (main, sub)
+                   co_train_lora
     single         single_agent                                       one agent with the tools, as many
                                                                       parameters as main + sub together
     shared         shared_model                                       both roles in one model
@@ -62,11 +63,15 @@ QUERIES_PER_STEP = 4  # Q; with K = NUM_ROLLOUTS rollouts each: 32 main episodes
 NUM_ROLLOUTS = 8
 LEARNING_RATE = 3e-4  # a pilot of co_train: 1e-3 rose to 16% held-out by step 10, then fell to 5% by step 60
 EVAL_EVERY = 10
+# co_train_lora: adapters on every projection; an adapter's step is larger than a full weight's (the usual LoRA
+# practice: about ten times the full fine-tune's rate).
+LORA_RANK = 8
+LORA_LEARNING_RATE = 3e-3
 SUB_SAMPLER_BATCH = 16
 EVAL_QUESTIONS = 128  # held-out
 EVAL_RL_QUESTIONS = 64  # the first RL questions, beside held-out
 
-WARM_START_OF = {"co_train": "multi", "co_train_no_alignment": "multi", "main_only": "multi",
+WARM_START_OF = {"co_train": "multi", "co_train_no_alignment": "multi", "main_only": "multi", "co_train_lora": "multi",
                  "single_agent": "single", "shared_model": "shared",
                  "bottleneck_co_train": "weak_sub", "bottleneck_main_only": "weak_sub",
                  "bottleneck_single_agent": "single_weak_sub"}
@@ -79,12 +84,15 @@ GROUPS = {
     # The ablations, beside the core runs they are read against (reused from the same root).
     "ablations": ("co_train", "co_train_no_alignment", "shared_model", "bottleneck_co_train",
                   "bottleneck_main_only", "bottleneck_single_agent"),
+    # co_train with LoRA adapters on the same warm start (MoE and LoRA, issue 14): the adapters alone trained.
+    "lora": ("co_train", "co_train_lora"),
 }
 SETTING_NOTES = {
     "co_train": "M-GRPO: main + sub trained (2 x 0.72M params)",
     "main_only": "same warm start as co_train; sub frozen",
     "single_agent": "one agent with the tools, params = main + sub (1.46M), same questions and epochs",
     "co_train_no_alignment": "co_train with missing sub slots masked, no duplicates",
+    "co_train_lora": f"co_train training rank-{LORA_RANK} LoRA adapters only (base frozen), lr {LORA_LEARNING_RATE:g}",
     "shared_model": "one 0.72M model plays both roles",
     "bottleneck_co_train": "co_train; the sub teacher, not the main one, took shortcuts",
     "bottleneck_main_only": "bottleneck warm start; sub frozen",
@@ -98,6 +106,8 @@ PREAMBLE = {
                  "one shared model), and the bottleneck setting: the sub-agent's warm start is the weak one (its "
                  "teacher, not the main agent's, took shortcuts), so training the main agent alone cannot remove "
                  "the errors and co-training can.",
+    "lora": "co_train with LoRA: the same warm start and RL budget as co_train, training rank-8 adapters on every "
+            "projection of both agents while their base weights stay frozen.",
 }
 
 
@@ -147,7 +157,7 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
     """RL in `mode` from its warm start under `root` (see the module docstring)."""
     kind = WARM_START_OF[mode]
     c = warm_start_config(kind)
-    c.mode = {"co_train_no_alignment": "co_train", "bottleneck_co_train": "co_train",
+    c.mode = {"co_train_no_alignment": "co_train", "co_train_lora": "co_train", "bottleneck_co_train": "co_train",
               "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent"}.get(mode, mode)
     c.total_steps = TOTAL_STEPS
     c.mgrpo.num_queries = QUERIES_PER_STEP
@@ -165,6 +175,11 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
         # step in calls of 16 rows: 3 calls of 16 pad less than 2 of 32 (bench/train_step.py: its generation
         # took 1.15 s per step against 1.80 s).
         c.agents[role].sampler.batch_size = QUERIES_PER_STEP * NUM_ROLLOUTS if role == "main" else SUB_SAMPLER_BATCH
+    if mode == "co_train_lora":
+        for role in ("main", "sub"):
+            c.agents[role].lora.rank = LORA_RANK
+            c.agents[role].lora.alpha = 2.0 * LORA_RANK
+            c.agents[role].optimizer.learning_rate = LORA_LEARNING_RATE
     if mode == "co_train_no_alignment":
         # No trajectory alignment: missing sub-agent slots stay empty (masked) instead of being filled with
         # duplicates or sibling rollouts' trajectories.

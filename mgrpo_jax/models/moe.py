@@ -299,9 +299,29 @@ def local_experts(x: Array, experts: Array, weights: Array, real: Array, w: dict
     hidden = jax.nn.silu(project(rows, "gate", 0)) * project(rows, "up", 1)
     out = project(hidden, "down", 2)  # [N*k, H]; rows of other devices' experts are 0
     weight = jnp.where(mine, weights.reshape(-1), 0.0)[order]
-    out = (out.astype(jnp.float32) * weight[:, None])
-    unsorted = jnp.zeros_like(out).at[order].set(out)  # a permutation: each row written once
-    return jnp.sum(unsorted.reshape(n, k, -1), axis=1).astype(dtype)
+    # Each sorted row added straight into its token's float32 sum: no [N*k, H] float32 copy is made.
+    combined = jax.ops.segment_sum(out.astype(jnp.float32) * weight[:, None], order // k, num_segments=n)
+    return combined.astype(dtype)
+
+
+def over_token_chunks(fn, chunk: int, *tokens: Array) -> Array:
+    """fn(*token_arrays, chunk_index) -> [n, ...] applied to consecutive chunks of `chunk` tokens of arrays
+    [n, ...] (the last chunk padded with zeros: pads must be marked not real by the caller's arrays), one
+    `lax.scan` step per chunk with the step rematerialized, so that only one chunk's buffers are alive in the
+    forward and in the backward. chunk <= 0 or >= n: one call."""
+    n = tokens[0].shape[0]
+    if chunk <= 0 or n <= chunk:
+        return fn(*tokens, jnp.zeros((), jnp.int32))
+    count = -(-n // chunk)
+    pad = count * chunk - n
+    split = [jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)).reshape(count, chunk, *v.shape[1:]) for v in tokens]
+
+    def step(_, xs):
+        return None, fn(*xs)
+
+    _, out = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), None,
+                          (*split, jnp.arange(count, dtype=jnp.int32)))
+    return out.reshape(count * chunk, *out.shape[2:])[:n]
 
 
 # ------------------------------------------------------------------------------------ expert parallelism
@@ -315,20 +335,25 @@ def _axes(entry) -> tuple[str, ...]:
 
 def moe_mlp(x: Array, experts: Array, weights: Array, real: Array, w: dict[str, Array], axes: dict[str, tuple],
             *, matmul: str, dtype: Any, mesh=None, rules=sharding_lib.DEFAULT_RULES, lora_scale: float = 0.0,
-            lora_dropout: float = 0.0, dropout_key: Array | None = None) -> Array:
+            lora_dropout: float = 0.0, dropout_key: Array | None = None, chunk_tokens: int = 0) -> Array:
     """The experts' output for tokens x [B, T, H] routed to experts / weights [B, T, k] (real [B, T] bool).
 
     w: the layer's expert weights (see `local_experts`), axes: their logical axis names. With `mesh` the
     computation is expert-parallel (module docstring) in a `shard_map` over every mesh axis; without, all
-    experts are local. Returns [B, T, H] in `dtype`.
+    experts are local. Each device's tokens go through in chunks of `chunk_tokens` (`over_token_chunks`; 0:
+    all at once). Returns [B, T, H] in `dtype`.
     """
     b, t, h = x.shape
     k = experts.shape[-1]
     impl = resolve_matmul(matmul, mesh)
     if mesh is None:
-        out = local_experts(x.reshape(b * t, h), experts.reshape(b * t, k), weights.reshape(b * t, k),
-                            real.reshape(b * t), w, jnp.zeros((), jnp.int32), matmul=impl, dtype=dtype,
-                            lora_scale=lora_scale, lora_dropout=lora_dropout, dropout_key=dropout_key)
+        def run(xs, es, ws, rs, index):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+            return local_experts(xs, es, ws, rs, w, jnp.zeros((), jnp.int32), matmul=impl, dtype=dtype,
+                                 lora_scale=lora_scale, lora_dropout=lora_dropout, dropout_key=key)
+
+        out = over_token_chunks(run, chunk_tokens, x.reshape(b * t, h), experts.reshape(b * t, k),
+                                weights.reshape(b * t, k), real.reshape(b * t))
         return out.reshape(b, t, h)
 
     x_spec = sharding_lib.logical_to_pspec(("batch", "length", "act_embed"), rules, mesh, x.shape)
@@ -357,9 +382,6 @@ def moe_mlp(x: Array, experts: Array, weights: Array, real: Array, w: dict[str, 
                 w[name] = jax.lax.all_gather(w[name], mesh_axes, axis=dim, tiled=True)
         bl, tl = x.shape[:2]
         flat = lambda v: v.reshape(bl * tl, *v.shape[2:])  # noqa: E731
-        xs, es, ws, rs = flat(x), flat(experts), flat(weights), flat(real)
-        if gather_axes:
-            xs, es, ws, rs = (jax.lax.all_gather(v, gather_axes, axis=0, tiled=True) for v in (xs, es, ws, rs))
         g_n = w["gate"].shape[0]
         first = (jax.lax.axis_index(expert_axes) * g_n).astype(jnp.int32) if expert_axes else jnp.zeros((),
                                                                                                      jnp.int32)
@@ -368,12 +390,22 @@ def moe_mlp(x: Array, experts: Array, weights: Array, real: Array, w: dict[str, 
             k_drop = jax.random.wrap_key_data(key)
             for a in data_axes:
                 k_drop = jax.random.fold_in(k_drop, jax.lax.axis_index(a))
-        out = local_experts(xs, es, ws, rs, w, first, matmul=impl, dtype=dtype, lora_scale=lora_scale,
-                            lora_dropout=lora_dropout, dropout_key=k_drop)
-        if gather_axes:
-            out = jax.lax.psum_scatter(out, gather_axes, scatter_dimension=0, tiled=True)
-        if sum_axes or mlp_axes:
-            out = jax.lax.psum(out, sum_axes + mlp_axes)
+
+        def run(xs, es, ws, rs, index):
+            # Every device of an expert group steps through its chunks in lockstep (same local token count), so
+            # the gathers below always pair up chunk i of each device.
+            if gather_axes:
+                xs, es, ws, rs = (jax.lax.all_gather(v, gather_axes, axis=0, tiled=True) for v in (xs, es, ws, rs))
+            chunk_key = None if k_drop is None else jax.random.fold_in(k_drop, index)
+            out = local_experts(xs, es, ws, rs, w, first, matmul=impl, dtype=dtype, lora_scale=lora_scale,
+                                lora_dropout=lora_dropout, dropout_key=chunk_key)
+            if gather_axes:
+                out = jax.lax.psum_scatter(out, gather_axes, scatter_dimension=0, tiled=True)
+            if sum_axes or mlp_axes:
+                out = jax.lax.psum(out, sum_axes + mlp_axes)
+            return out
+
+        out = over_token_chunks(run, chunk_tokens, flat(x), flat(experts), flat(weights), flat(real))
         return out.reshape(bl, tl, -1)
 
     tok3 = PartitionSpec(*x_spec[:2], None)
@@ -424,7 +456,7 @@ class MoEBlock(nnx.Module):
             scale, rate = adapter.scale, adapter.dropout
         out = moe_mlp(x, experts, weights, real, w, axes, matmul=c.moe_matmul, dtype=c.dtype,
                       mesh=sharding_lib.current_mesh(), lora_scale=scale, lora_dropout=rate,
-                      dropout_key=dropout_key)
+                      dropout_key=dropout_key, chunk_tokens=c.moe_chunk_tokens)
         stats = router_statistics(logits.reshape(-1, logits.shape[-1]), experts.reshape(-1, experts.shape[-1]),
                                   real.reshape(-1))
         return out, stats
@@ -451,5 +483,5 @@ def num_moe_params(config) -> tuple[int, int]:
 
 
 __all__ = ["AUX_METRICS", "EXPERT_AXES", "LAYER_KINDS", "MOE_MATMULS", "MoEBlock", "grouped_matmul", "layer_kinds",
-           "layer_runs", "local_experts", "moe_mlp", "num_moe_params", "resolve_matmul", "route",
+           "layer_runs", "local_experts", "moe_mlp", "num_moe_params", "over_token_chunks", "resolve_matmul", "route",
            "router_statistics"]
