@@ -7,20 +7,31 @@
    the whole model for every new token, also one jitted loop, so both sides are compiled programs).
    Target (issue 4): the cache at least 10x faster.
 2. The controller on a generated world with a tiny random model as both agents: episodes/s and the phase
-   times it reports. Prints figures only; asserts nothing.
+   times it reports.
+3. `--warm-start ROOT` (a repro root holding warm_multi/, `launch/repro.py` or `make demo` writes it): real
+   multi-turn episodes of the warm-started tiny agents (configs/repro/co_train.py's controller, Q x K episodes
+   per batch, sampling at the RL temperature): episodes/s, generated tokens/s, and how much of each agent's
+   prompts the slot cache reused from the episode's earlier turns instead of prefilling them again.
+Prints figures only; asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # the configs' per-agent devices
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 
-from mgrpo_jax.models import ModelConfig, init_model
-from mgrpo_jax.rollout.sampler import Sampler, SamplerConfig
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from mgrpo_jax.models import ModelConfig, init_model  # noqa: E402
+from mgrpo_jax.rollout.sampler import Sampler, SamplerConfig  # noqa: E402
 
 SMALL = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8, num_kv_heads=4,
                     head_dim=32, architecture="qwen3", qk_norm=True)
@@ -112,14 +123,56 @@ def bench_controller(args) -> None:
     print("  " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(batch.stats.items()) if isinstance(v, float)))
 
 
+def bench_multiturn(args) -> None:
+    import tempfile
+
+    from configs.repro import co_train
+    from mgrpo_jax.data.synthetic import read_questions_jsonl
+    from mgrpo_jax.experiment import build_experiment
+
+    config = co_train.get_config(args.warm_start)
+    q, k = config.mgrpo.num_queries, config.mgrpo.num_rollouts
+    exp = build_experiment(config, tempfile.mkdtemp(prefix="bench_multiturn_"))
+    questions = [x.question for x in read_questions_jsonl(exp.data.train_files[0])]
+    samplers = {role: agent.policy.sampler for role, agent in exp.agents.items()}
+    exp.controller.run(questions[:q], k, jax.random.key(0))  # compiles
+    for sampler in samplers.values():
+        sampler.stats.clear()
+    episodes = tokens = 0
+    start = time.perf_counter()
+    for i in range(args.batches):
+        batch = exp.controller.run(questions[(i + 1) * q:(i + 2) * q], k, jax.random.key(i + 1))
+        trajectories = batch.main + batch.sub
+        episodes += len(trajectories)
+        tokens += sum(int(sum(t.loss_mask)) for t in trajectories)  # the tokens the agents sampled
+    elapsed = time.perf_counter() - start
+    print(f"\nmulti-turn episodes of the warm-started tiny agents ({args.warm_start}): {args.batches} batches of "
+          f"{q} x {k} main episodes and their sub-agent episodes")
+    print(f"  {episodes} episodes in {elapsed:.2f} s: {episodes / elapsed:.1f} episodes/s, {tokens / elapsed:.0f} "
+          f"generated tokens/s")
+    for role, sampler in samplers.items():
+        st = sampler.stats
+        prompt = max(st.get("prompt_tokens", 0), 1)
+        print(f"  {role}: prompt tokens {st.get('prompt_tokens', 0)}, reused from the slot cache "
+              f"{st.get('reused_tokens', 0)} ({st.get('reused_tokens', 0) / prompt:.0%}), prefilled "
+              f"{st.get('prefill_tokens', 0)}; {st.get('prefill_calls', 0)} prefill and {st.get('decode_calls', 0)} "
+              f"decode calls, {st.get('evictions', 0)} evictions")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--skip-controller", action="store_true")
+    parser.add_argument("--warm-start", default=None, metavar="ROOT",
+                        help="a repro root with warm_multi/: time real multi-turn episodes of those agents")
+    parser.add_argument("--batches", type=int, default=4, help="rollout batches of the --warm-start workload")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    if args.warm_start:
+        bench_multiturn(args)
+        return
     bench_decode(args)
     if not args.skip_controller:
         bench_controller(args)
