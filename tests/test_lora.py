@@ -20,9 +20,8 @@ from mgrpo_jax import checkpoint as ckpt_lib
 from mgrpo_jax import sharding
 from mgrpo_jax.models import ModelConfig, init_model, load_model, positions_from_mask, save_hf
 from mgrpo_jax.models import lora
-from mgrpo_jax.rollout.controller import Trajectory
 from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig, batch_loss
-from mgrpo_jax.train.batch import Segment
+from model_oracles import random_segments, torch_logits
 
 V = 64
 DENSE = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -109,17 +108,8 @@ def test_dropout_only_with_a_key():
 # ------------------------------------------------------------------------------------------- training
 
 
-def _trajectory(rng, n, index):
-    prompt = int(rng.integers(1, n // 2))
-    tokens = rng.integers(0, V, size=n).tolist()
-    logprobs = [0.0] + [float(-rng.uniform(1, 5)) for _ in range(n - 1)]
-    return Trajectory("main", index // 4, index % 4, -1, prompt, tokens, [0] * prompt + [1] * (n - prompt), logprobs,
-                      [(prompt, n)], "x", "answer", None, 0)
-
-
 def _segments(seed, count=8):
-    rng = np.random.default_rng(seed)
-    return [Segment(_trajectory(rng, int(rng.integers(6, 20)), i), float(rng.normal()), 1.0) for i in range(count)]
+    return random_segments(seed, count, V)
 
 
 def _trainer(config, layout, devices, **kw):
@@ -207,9 +197,7 @@ def test_checkpoint_holds_the_adapters_and_restores_them_onto_the_base(tmp_path)
 
 
 def _torch_logits(model):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(TOKENS, dtype=torch.long), attention_mask=torch.tensor(MASK),
-                     position_ids=torch.tensor(POSITIONS, dtype=torch.long)).logits.float().numpy()
+    return torch_logits(model, TOKENS, MASK, POSITIONS)
 
 
 @pytest.mark.parametrize("config", [DENSE, MOE], ids=["dense", "moe"])

@@ -31,6 +31,7 @@ from mgrpo_jax.models import (
     save_hf,
 )
 from mgrpo_jax.models import hf as hf_io
+from model_oracles import checkpoint_builder, our_logits, padded_batch, random_torch_model, torch_logits
 
 VOCAB = 256
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -48,53 +49,21 @@ FAMILIES = {
     "llama3_tied": lambda: transformers.LlamaConfig(**TINY, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True),
 }
 
-# Rows: left-padded, right-padded, full, heavily left-padded.
-MASK = np.array([[0, 0, 0, 1, 1, 1, 1, 1],
-                 [1, 1, 1, 1, 1, 1, 0, 0],
-                 [1, 1, 1, 1, 1, 1, 1, 1],
-                 [0, 0, 0, 0, 0, 1, 1, 1]], np.int32)
-TOKENS = np.random.RandomState(0).randint(3, VOCAB, size=MASK.shape).astype(np.int32)
-POSITIONS = np.asarray(positions_from_mask(jnp.asarray(MASK)))
+TOKENS, MASK, POSITIONS = padded_batch(VOCAB)
 
 
 def _torch_model(hf_config, seed=0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
-    return model
-
-
-def _torch_logits(model, tokens, mask, positions):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                     position_ids=torch.tensor(positions, dtype=torch.long)).logits.float().numpy()
+    return random_torch_model(hf_config, seed)
 
 
 def _ours(model, tokens=TOKENS, mask=MASK, positions=POSITIONS):
-    return np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask)))
+    return our_logits(model, tokens, mask, positions)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """name -> (name, torch model, checkpoint dir, our model, our config, torch logits on TOKENS/MASK), built once."""
-    built = {}
-
-    def get(name):
-        if name not in built:
-            torch_model = _torch_model(FAMILIES[name]())
-            path = str(tmp_path_factory.mktemp(name))
-            torch_model.save_pretrained(path)
-            model, config = load_model(path)
-            built[name] = (name, torch_model, path, model, config,
-                           _torch_logits(torch_model, TOKENS, MASK, POSITIONS))
-        return built[name]
-
-    return get
+    return checkpoint_builder(tmp_path_factory, lambda name: _torch_model(FAMILIES[name]()), TOKENS, MASK, POSITIONS)
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -133,7 +102,7 @@ def test_save_round_trip_through_transformers(family, tmp_path):
     save_hf(model, config, str(tmp_path))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     assert type(reloaded) is type(torch_model)
-    np.testing.assert_array_equal(_torch_logits(reloaded, TOKENS, MASK, POSITIONS), ref)
+    np.testing.assert_array_equal(torch_logits(reloaded, TOKENS, MASK, POSITIONS), ref)
     ours_again, config_again = load_model(str(tmp_path))
     assert config_again == config
     np.testing.assert_array_equal(_ours(ours_again), _ours(model))
@@ -158,8 +127,8 @@ def test_our_sharded_save_loads_in_transformers(tmp_path):
     index = json.load(open(os.path.join(out, hf_io.INDEX_FILE)))
     assert len(set(index["weight_map"].values())) > 2
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    np.testing.assert_array_equal(_torch_logits(reloaded, TOKENS, MASK, POSITIONS),
-                                  _torch_logits(torch_model, TOKENS, MASK, POSITIONS))
+    np.testing.assert_array_equal(torch_logits(reloaded, TOKENS, MASK, POSITIONS),
+                                  torch_logits(torch_model, TOKENS, MASK, POSITIONS))
     wrong = transformers.Qwen2Config(**{**TINY, "intermediate_size": 80})
     with pytest.raises(ValueError, match="hf_config .* describes"):
         save_hf(model, config, str(tmp_path / "bad"), hf_config=wrong)
@@ -172,7 +141,7 @@ def test_bf16_checkpoint_loads(tmp_path):
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     ours, _ = load_model(str(tmp_path))  # float32 parameters, exactly the BF16 values
     real = MASK.astype(bool)
-    want = _torch_logits(reference, TOKENS, MASK, POSITIONS)
+    want = torch_logits(reference, TOKENS, MASK, POSITIONS)
     assert np.abs(_ours(ours)[real] - want[real]).max() < 1e-4
     bf16, _ = load_model(str(tmp_path), param_dtype="bfloat16")
     q = torch_model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()  # [n*d, h]
@@ -327,7 +296,7 @@ def test_packed_rows_equal_separate_sequences(checkpoints):
     positions = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 0]], np.int32)
     packed = _ours(model, row_tokens, segments, positions)[0]
     for seq, where in ((a, slice(0, 5)), (b, slice(5, 8))):
-        ref = _torch_logits(torch_model, seq[None], np.ones((1, len(seq)), np.int64), np.arange(len(seq))[None])
+        ref = torch_logits(torch_model, seq[None], np.ones((1, len(seq)), np.int64), np.arange(len(seq))[None])
         assert np.abs(packed[where] - ref[0]).max() < 1e-4
 
 

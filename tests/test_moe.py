@@ -23,7 +23,8 @@ from mgrpo_jax.models import ModelConfig, init_model, load_model, positions_from
 from mgrpo_jax.models import moe
 from mgrpo_jax.rollout.sampler import Sampler, SamplerConfig
 from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig
-from mgrpo_jax.train.batch import Segment
+from model_oracles import (checkpoint_builder, our_logits, padded_batch, random_segments, random_torch_model,
+                           torch_logits)
 
 VOCAB = 96
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_attention_heads=4,
@@ -36,47 +37,24 @@ CONFIGS = {
     # all sparse (the released Qwen3-MoE layout), tied embeddings
     "all_sparse_tied": dict(num_hidden_layers=2, norm_topk_prob=False, tie_word_embeddings=True),
 }
-MASK = np.array([[0, 0, 0, 1, 1, 1, 1, 1],
-                 [1, 1, 1, 1, 1, 1, 0, 0],
-                 [1, 1, 1, 1, 1, 1, 1, 1],
-                 [0, 0, 0, 0, 0, 1, 1, 1]], np.int32)
-TOKENS = np.random.RandomState(0).randint(3, VOCAB, size=MASK.shape).astype(np.int32)
-POSITIONS = np.asarray(positions_from_mask(jnp.asarray(MASK)))
+TOKENS, MASK, POSITIONS = padded_batch(VOCAB)
 
 
 def _torch_model(name, seed=0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(**TINY, **CONFIGS[name])).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if pname.endswith("norm.weight") else 0.1 * torch.randn_like(p))
-    return model
+    return random_torch_model(transformers.Qwen3MoeConfig(**TINY, **CONFIGS[name]), seed)
 
 
 def _torch_logits(model, tokens=TOKENS, mask=MASK, positions=POSITIONS):
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-                     position_ids=torch.tensor(positions, dtype=torch.long)).logits.float().numpy()
+    return torch_logits(model, tokens, mask, positions)
 
 
 def _ours(model, tokens=TOKENS, mask=MASK, positions=POSITIONS):
-    return np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask)))
+    return our_logits(model, tokens, mask, positions)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    built = {}
-
-    def get(name):
-        if name not in built:
-            torch_model = _torch_model(name)
-            path = str(tmp_path_factory.mktemp(name))
-            torch_model.save_pretrained(path)
-            model, config = load_model(path)
-            built[name] = (name, torch_model, path, model, config, _torch_logits(torch_model))
-        return built[name]
-
-    return get
+    return checkpoint_builder(tmp_path_factory, _torch_model, TOKENS, MASK, POSITIONS)
 
 
 @pytest.fixture(params=sorted(CONFIGS))
@@ -228,19 +206,8 @@ EP_CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num
 EP_LAYOUT = {"devices": 8, "fsdp": 2, "expert": 2, "tp": 2}
 
 
-def _trajectory(rng, n, index):
-    from mgrpo_jax.rollout.controller import Trajectory
-
-    prompt = int(rng.integers(1, n // 2))
-    tokens = rng.integers(0, EP_CONFIG.vocab_size, size=n).tolist()
-    logprobs = [0.0] + [float(-rng.uniform(1, 5)) for _ in range(n - 1)]
-    return Trajectory("main", index // 4, index % 4, -1, prompt, tokens, [0] * prompt + [1] * (n - prompt), logprobs,
-                      [(prompt, n)], "x", "answer", None, 0)
-
-
 def _segments(seed, count=10):
-    rng = np.random.default_rng(seed)
-    return [Segment(_trajectory(rng, int(rng.integers(6, 20)), i), float(rng.normal()), 1.0) for i in range(count)]
+    return random_segments(seed, count, EP_CONFIG.vocab_size)
 
 
 def _trainer(layout, devices, config=EP_CONFIG):

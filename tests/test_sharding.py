@@ -33,12 +33,19 @@ def _forward(graphdef, state, tokens=TOKENS, mask=MASK):
 
 def test_logical_to_pspec_rules():
     rules = sharding.DEFAULT_RULES
-    assert sharding.logical_to_pspec(("embed", "q_heads", "head_dim"), rules) == P("fsdp", "tp", None)
+    # Without a mesh the rule is returned whole: the weights' embed dimension over fsdp and expert.
+    assert sharding.logical_to_pspec(("embed", "q_heads", "head_dim"), rules) == P(("fsdp", "expert"), "tp", None)
     assert sharding.logical_to_pspec(("norm",), rules) == P(None)
     assert sharding.logical_to_pspec(("unknown_axis", "mlp"), rules) == P(None, "tp")
     # A mesh axis is used once per array: the second dimension asking for "tp" is replicated.
     assert sharding.logical_to_pspec(("vocab", "mlp"), rules) == P("tp", None)
     mesh = sharding.make_agent_meshes({"m": {"devices": 8, "fsdp": 4, "tp": 2}})["m"]
+    # A mesh without an expert axis (no expert parallelism) keeps fsdp alone.
+    assert sharding.logical_to_pspec(("embed", "q_heads", "head_dim"), rules, mesh, (8, 4, 2)) == P("fsdp", "tp", None)
+    # With one, experts go over "expert" and each expert's embed dimension over fsdp only (an axis is used once).
+    ep = sharding.make_agent_meshes({"m": {"devices": 8, "fsdp": 2, "expert": 2, "tp": 2}})["m"]
+    assert sharding.logical_to_pspec(("experts", "embed", "moe_mlp"), rules, ep, (4, 8, 4)) == P("expert", "fsdp", "tp")
+    assert sharding.logical_to_pspec(("embed", "q_heads"), rules, ep, (8, 4)) == P(("fsdp", "expert"), "tp")
     # 6 is not divisible by fsdp=4: replicated instead of failing to place.
     assert sharding.logical_to_pspec(("embed", "mlp"), rules, mesh, (6, 4)) == P(None, "tp")
     assert sharding.logical_to_pspec(("embed", "mlp"), (("embed", ("fsdp", "tp")),), mesh, (8, 4)) == \
@@ -75,7 +82,8 @@ def test_time_shared_mesh():
 
 @pytest.mark.parametrize("layout, match", [
     ({"main": {"devices": 4}, "sub": {"devices": 6}}, r"needs 10 devices \(main: 4, sub: 6\) but 8 are available"),
-    ({"main": {"devices": 4, "fsdp": 3, "tp": 2}}, r"fsdp \(3\) x tp \(2\) must equal devices \(4\)"),
+    ({"main": {"devices": 4, "fsdp": 3, "tp": 2}}, r"fsdp \(3\) x expert \(1\) x tp \(2\) must equal devices \(4\)"),
+    ({"main": {"devices": 8, "fsdp": -1, "expert": 3}}, r"fsdp \(-1\) x expert \(3\) x tp \(1\) must equal devices"),
     ({"main": {"devices": 4}, "sub": {"shared_with": "critic"}}, r"shared_with'\]='critic' must name a role"),
     ({"main": {"devices": 4, "gpus": 2}}, r"unknown keys \['gpus'\]"),
     ({"main": {"tp": 2}}, r"needs 'devices' > 0"),
@@ -134,6 +142,12 @@ def test_constrain_follows_the_traced_mesh_and_is_a_no_op_without_one():
     x = jnp.arange(8 * 6 * 4, dtype=jnp.float32).reshape(8, 6, 4)
     assert sharding.constrain(x, ("batch", "length", "mlp")) is x  # no mesh: untouched
     mesh = sharding.make_agent_meshes({"m": {"devices": 8, "fsdp": 4, "tp": 2}})["m"]
+    # A mesh without an expert axis (no expert parallelism) keeps fsdp alone.
+    assert sharding.logical_to_pspec(("embed", "q_heads", "head_dim"), rules, mesh, (8, 4, 2)) == P("fsdp", "tp", None)
+    # With one, experts go over "expert" and each expert's embed dimension over fsdp only (an axis is used once).
+    ep = sharding.make_agent_meshes({"m": {"devices": 8, "fsdp": 2, "expert": 2, "tp": 2}})["m"]
+    assert sharding.logical_to_pspec(("experts", "embed", "moe_mlp"), rules, ep, (4, 8, 4)) == P("expert", "fsdp", "tp")
+    assert sharding.logical_to_pspec(("embed", "q_heads"), rules, ep, (8, 4)) == P(("fsdp", "expert"), "tp")
     replicated = NamedSharding(mesh, P())
 
     def f(y):
