@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 REPRO_ROOT ?= runs/repro
 WARM_START := $(REPRO_ROOT)/warm_multi/warm_start/summary.json
 
-.PHONY: test bench-kernels demo repro repro-ablations clean
+.PHONY: test bench-kernels demo repro repro-ablations repro-lora clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,12 +37,16 @@ demo: $(STAMP)
 
 # The paper's comparisons (configs/repro/), 3 seeds each. `repro`: co_train, main_only and single_agent ->
 # docs/results/; `repro-ablations`: alignment off, one shared model and the bottleneck setting ->
-# docs/results/ablations/ (it reuses the core runs under $(REPRO_ROOT)). Times: README, "Results".
+# docs/results/ablations/ (it reuses the core runs under $(REPRO_ROOT)); `repro-lora`: co_train training LoRA
+# adapters only -> docs/results/lora/. Times: README, "Results".
 repro: $(STAMP)
 	$(PY) launch/repro.py --root $(REPRO_ROOT) --group core --jobs 2
 
 repro-ablations: $(STAMP)
 	$(PY) launch/repro.py --root $(REPRO_ROOT) --group ablations --jobs 2
+
+repro-lora: $(STAMP)
+	$(PY) launch/repro.py --root $(REPRO_ROOT) --group lora --jobs 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis runs
