@@ -142,12 +142,6 @@ def test_constrain_follows_the_traced_mesh_and_is_a_no_op_without_one():
     x = jnp.arange(8 * 6 * 4, dtype=jnp.float32).reshape(8, 6, 4)
     assert sharding.constrain(x, ("batch", "length", "mlp")) is x  # no mesh: untouched
     mesh = sharding.make_agent_meshes({"m": {"devices": 8, "fsdp": 4, "tp": 2}})["m"]
-    # A mesh without an expert axis (no expert parallelism) keeps fsdp alone.
-    assert sharding.logical_to_pspec(("embed", "q_heads", "head_dim"), rules, mesh, (8, 4, 2)) == P("fsdp", "tp", None)
-    # With one, experts go over "expert" and each expert's embed dimension over fsdp only (an axis is used once).
-    ep = sharding.make_agent_meshes({"m": {"devices": 8, "fsdp": 2, "expert": 2, "tp": 2}})["m"]
-    assert sharding.logical_to_pspec(("experts", "embed", "moe_mlp"), rules, ep, (4, 8, 4)) == P("expert", "fsdp", "tp")
-    assert sharding.logical_to_pspec(("embed", "q_heads"), rules, ep, (8, 4)) == P(("fsdp", "expert"), "tp")
     replicated = NamedSharding(mesh, P())
 
     def f(y):
