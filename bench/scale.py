@@ -197,7 +197,7 @@ class TrainState:
     @property
     def trainable(self):
         """What the update trains: None (everything) or the LoRA adapters' filter, as `AgentTrainer` decides."""
-        return lora_lib.TRAINABLE if self.config.lora is not None else None
+        return agent_lib.trainable_filter(self.params)
 
     @property
     def state_bytes(self) -> int:
@@ -209,7 +209,7 @@ def train_state(config: ModelConfig, mesh: jax.sharding.Mesh) -> TrainState:
     param_shardings = sharding.state_shardings(state, mesh)
     params = _abstract(state, param_shardings)
     tx = agent_lib.make_optimizer(agent_lib.OptimizerConfig())  # AdamW (mu, nu) + global-norm clipping
-    trainable = lora_lib.TRAINABLE if config.lora is not None else None  # AgentTrainer's choice
+    trainable = agent_lib.trainable_filter(params)
     train, _ = agent_lib.trainable_part(params, trainable)
     train_shardings, _ = agent_lib.trainable_part(param_shardings, trainable)
     opt_shapes = jax.eval_shape(tx.init, train)
@@ -244,14 +244,14 @@ def compile_micro_batch(ts: TrainState, rows: int, tokens: int, chunk_size: int)
         train, frozen = agent_lib.trainable_part(params, ts.trainable)
 
         def total_of(p):
-            full = p if frozen is None else nnx.merge_state(p, frozen)
-            total, denom, _ = agent_lib.batch_loss(nnx.merge(ts.graphdef, full), batch, loss_cfg)
+            model = nnx.merge(ts.graphdef, agent_lib.join_trainable(p, frozen))
+            total, denom, _ = agent_lib.batch_loss(model, batch, loss_cfg)
             return total, denom
 
         (total, denom), grads = jax.value_and_grad(total_of, has_aux=True)(train)
         updates, opt_state = ts.tx.update(grads, opt_state, train)
         train = optax.apply_updates(train, updates)
-        return (train if frozen is None else nnx.merge_state(train, frozen)), opt_state, {"loss": total / denom}
+        return agent_lib.join_trainable(train, frozen), opt_state, {"loss": total / denom}
 
     data = sharding.batch_sharding(ts.mesh)
     jitted = sharding.jit_sharded_step(step, ts.param_shardings, ts.opt_shardings, data)
@@ -414,8 +414,6 @@ def presets_section(args) -> None:
         verdict = "fits" if total <= capacity else "DOES NOT FIT"
         print(f"  total {_gib(total)} GiB per device vs {device} ({capacity / GIB:.1f} GiB): {verdict}; "
               + ", ".join(f"{d}: {total / cap:.0%}" for d, cap in OTHER_DEVICES))
-
-
 
 
 def sampler_peak(compiled) -> tuple[int, int]:

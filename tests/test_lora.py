@@ -257,7 +257,7 @@ def test_rank16_optimizer_state_is_under_5_percent_of_a_full_fine_tune_on_qwen3_
     import os
 
     from mgrpo_jax.models import abstract_model
-    from mgrpo_jax.train.agent import make_optimizer, trainable_part
+    from mgrpo_jax.train.agent import make_optimizer, trainable_filter, trainable_part
 
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "models", "qwen3_0p6b.json")
     with open(path, encoding="utf-8") as fh:
@@ -269,7 +269,7 @@ def test_rank16_optimizer_state_is_under_5_percent_of_a_full_fine_tune_on_qwen3_
     def opt_bytes(config):
         state = nnx.state(abstract_model(config))
         shardings = sharding.state_shardings(state, mesh)
-        trainable = lora.TRAINABLE if config.lora is not None else None
+        trainable = trainable_filter(state)
         params, _ = trainable_part(state, trainable)
         param_shardings, _ = trainable_part(shardings, trainable)
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params,

@@ -126,7 +126,8 @@ class ModelConfig:
     `router_aux_loss_coef` / `router_z_loss_coef` weight the router's load-balancing and z losses in training
     (0: only reported). `moe_chunk_tokens`: each device runs its tokens through a MoE layer in chunks of this
     many (scanned, each chunk rematerialized), so the dispatch buffers scale with the chunk, not the micro-batch
-    (0: one chunk; a token's output does not depend on the chunking). `lora` (a `lora.LoraConfig`, or None) adds adapters to the projections it targets.
+    (0: one chunk; a token's output does not depend on the chunking). `lora` (a `lora.LoraConfig`, or None)
+    adds adapters to the projections it targets.
     """
 
     vocab_size: int
@@ -199,7 +200,8 @@ class ModelConfig:
     def _check_moe(self) -> None:
         object.__setattr__(self, "mlp_only_layers", tuple(sorted(int(i) for i in self.mlp_only_layers)))
         if self.moe_chunk_tokens < 0:
-            raise ValueError(f"ModelConfig.moe_chunk_tokens must be >= 0 (0: no chunking), got {self.moe_chunk_tokens}")
+            raise ValueError(f"ModelConfig.moe_chunk_tokens must be >= 0 (0: no chunking), got "
+                             f"{self.moe_chunk_tokens}")
         if self.moe_matmul not in moe_lib.MOE_MATMULS:
             raise ValueError(f"ModelConfig.moe_matmul={self.moe_matmul!r} is not one of {list(moe_lib.MOE_MATMULS)}")
         if self.architecture != "qwen3_moe":

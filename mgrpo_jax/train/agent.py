@@ -256,7 +256,14 @@ def trainable_part(params, trainable=None):
     return nnx.split_state(params, trainable, ...)
 
 
-def _join(train, frozen):
+def trainable_filter(params):
+    """What an update of a model state trains: its LoRA adapters when it has them (the base frozen), else None
+    (everything)."""
+    return lora_lib.TRAINABLE if lora_lib.has_adapters(params) else None
+
+
+def join_trainable(train, frozen):
+    """The inverse of `trainable_part`: the whole model state again."""
     return train if frozen is None else nnx.merge_state(train, frozen)
 
 
@@ -266,7 +273,7 @@ def build_update_programs(graphdef: nnx.GraphDef, tx: optax.GradientTransformati
         train, frozen = trainable_part(params, trainable)
 
         def total_of(p):
-            total, denom, metrics = batch_loss(nnx.merge(graphdef, _join(p, frozen)), micro, cfg)
+            total, denom, metrics = batch_loss(nnx.merge(graphdef, join_trainable(p, frozen)), micro, cfg)
             return total, (denom, metrics)
 
         (total, (denom, metrics)), grads = jax.value_and_grad(total_of, has_aux=True)(train)
@@ -297,7 +304,7 @@ def build_update_programs(graphdef: nnx.GraphDef, tx: optax.GradientTransformati
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         metrics = {k: v / jnp.maximum(acc["tokens"], 1.0) for k, v in acc["metric_sums"].items()}
         metrics.update(num_tokens=acc["tokens"], loss=loss, grad_norm=grad_norm, skipped_steps=(~ok).astype(jnp.int32))
-        return _join(keep(new_params, params), frozen), keep(new_opt_state, opt_state), metrics
+        return join_trainable(keep(new_params, params), frozen), keep(new_opt_state, opt_state), metrics
 
     def score(params, micro):
         logp, _ = sequence_logprobs(nnx.merge(graphdef, params), micro, cfg)
@@ -359,7 +366,7 @@ class AgentTrainer:
         self.ref_params = ref_params if loss.kl_coef != 0 else None  # beta = 0: never loaded, never run
         self.tx = make_optimizer(optimizer)
         self.schedule = make_schedule(optimizer)
-        self.trainable = lora_lib.TRAINABLE if lora_lib.has_adapters(params) else None
+        self.trainable = trainable_filter(params)
         self.dropout_seed = dropout_seed
         train_params, _ = trainable_part(params, self.trainable)
         train_shardings, _ = trainable_part(param_shardings, self.trainable)
@@ -403,7 +410,7 @@ class AgentTrainer:
 
     def load_checkpoint_params(self, params: Any) -> None:
         """The inverse of `checkpoint_params`: restored adapters join the frozen base already loaded."""
-        self.params = _join(params, trainable_part(self.params, self.trainable)[1])
+        self.params = join_trainable(params, trainable_part(self.params, self.trainable)[1])
 
     @property
     def compile_count(self) -> int:
