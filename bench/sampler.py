@@ -131,12 +131,17 @@ def bench_multiturn(args) -> None:
     from mgrpo_jax.experiment import build_experiment
 
     config = co_train.get_config(args.warm_start)
+    if args.full_prefill:  # every prefill over every row (how the sampler ran before SamplerConfig.prefill_rows)
+        for role in ("main", "sub"):
+            config.agents[role].sampler.prefill_rows = ()
     q, k = config.mgrpo.num_queries, config.mgrpo.num_rollouts
     exp = build_experiment(config, tempfile.mkdtemp(prefix="bench_multiturn_"))
     questions = [x.question for x in read_questions_jsonl(exp.data.train_files[0])]
     samplers = {role: agent.policy.sampler for role, agent in exp.agents.items()}
-    exp.controller.run(questions[:q], k, jax.random.key(0))  # compiles
-    for sampler in samplers.values():
+    exp.controller.run(questions[:q], k, jax.random.key(0))
+    compiled = {role: agent.policy.sampler.warm_up(agent.policy.params) for role, agent in exp.agents.items()}
+    for sampler in samplers.values():  # every program is compiled: the timed batches compile nothing
+        sampler.release()
         sampler.stats.clear()
     episodes = tokens = 0
     start = time.perf_counter()
@@ -147,7 +152,9 @@ def bench_multiturn(args) -> None:
         tokens += sum(int(sum(t.loss_mask)) for t in trajectories)  # the tokens the agents sampled
     elapsed = time.perf_counter() - start
     print(f"\nmulti-turn episodes of the warm-started tiny agents ({args.warm_start}): {args.batches} batches of "
-          f"{q} x {k} main episodes and their sub-agent episodes")
+          f"{q} x {k} main episodes and their sub-agent episodes; prefill row blocks "
+          + ", ".join(f"{r} {s.config.prefill_rows or 'off'}" for r, s in samplers.items())
+          + f" ({compiled} programs compiled by warm_up after the first batch)")
     print(f"  {episodes} episodes in {elapsed:.2f} s: {episodes / elapsed:.1f} episodes/s, {tokens / elapsed:.0f} "
           f"generated tokens/s")
     for role, sampler in samplers.items():
@@ -155,8 +162,9 @@ def bench_multiturn(args) -> None:
         prompt = max(st.get("prompt_tokens", 0), 1)
         print(f"  {role}: prompt tokens {st.get('prompt_tokens', 0)}, reused from the slot cache "
               f"{st.get('reused_tokens', 0)} ({st.get('reused_tokens', 0) / prompt:.0%}), prefilled "
-              f"{st.get('prefill_tokens', 0)}; {st.get('prefill_calls', 0)} prefill and {st.get('decode_calls', 0)} "
-              f"decode calls, {st.get('evictions', 0)} evictions")
+              f"{st.get('prefill_tokens', 0)} in blocks of {st.get('prefill_block_tokens', 0)} token slots; "
+              f"{st.get('prefill_calls', 0)} prefill and {st.get('decode_calls', 0)} decode calls, "
+              f"{st.get('evictions', 0)} evictions")
 
 
 def main() -> None:
@@ -168,6 +176,8 @@ def main() -> None:
     parser.add_argument("--warm-start", default=None, metavar="ROOT",
                         help="a repro root with warm_multi/: time real multi-turn episodes of those agents")
     parser.add_argument("--batches", type=int, default=4, help="rollout batches of the --warm-start workload")
+    parser.add_argument("--full-prefill", action="store_true", help="--warm-start workload with every prefill over "
+                        "every row (sampler.prefill_rows off): the figure before row blocks")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
     if args.warm_start:

@@ -33,7 +33,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 from configs.repro.common import (DEFAULT_ROOT, GROUPS, PREAMBLE, SETTING_NOTES, SETTINGS, WARM_START_OF,  # noqa: E402
-                                  rl_config)
+                                  rl_config, warm_start_config)
 from mgrpo_jax.comparison import summarize_run, write_results  # noqa: E402
 
 
@@ -44,6 +44,22 @@ def _parse_set(pairs):
             raise SystemExit(f"--*_set takes KEY=VALUE (a config key without 'config.'), got {pair!r}")
         out.append(f"--config.{pair}")
     return out
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_mismatch(recorded: dict, current: dict) -> list[str]:
+    """The keys whose values differ between two recipes (warm-start configs as JSON dicts, plus overrides)."""
+    a, b = _flatten(recorded), _flatten(current)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def _override(pairs, key, default):
@@ -126,8 +142,24 @@ def main(argv=None):
     def warm_start(kind):
         workdir = os.path.join(root, f"warm_{kind}")
         summary = os.path.join(workdir, "warm_start", "summary.json")
+        recipe_path = os.path.join(workdir, "warm_start", "recipe.json")
+        # What the warm start would be trained with now: reusing one trained with another recipe (a changed
+        # configs/repro/common.py, other --warm_start_set) would compare runs of different warm starts.
+        recipe = {"config": json.loads(warm_start_config(kind).to_json_best_effort(sort_keys=True)),
+                  "warm_start_set": sorted(args.warm_start_set)}
         seconds = None
-        if not os.path.exists(summary):
+        if os.path.exists(summary):
+            if os.path.exists(recipe_path):
+                with open(recipe_path, encoding="utf-8") as f:
+                    differ = recipe_mismatch(json.load(f), recipe)
+                if differ:
+                    raise RuntimeError(f"{workdir} holds a warm start {kind} trained with another recipe (differing: "
+                                       f"{', '.join(differ[:8])}{' ...' if len(differ) > 8 else ''}); use another "
+                                       "--root, or delete that directory to train it again")
+            else:
+                say(f"warm start {kind}: {recipe_path} missing (trained before recipes were recorded); reused "
+                    "unchecked")
+        else:
             say(f"warm start {kind} -> {workdir} (log: {workdir}/log.txt)")
             ok, seconds = run_logged([python, "launch/warm_start.py", f"--config=configs/repro/warm_start.py:{kind}",
                                       f"--workdir={workdir}", *_parse_set(args.warm_start_set)],
@@ -135,6 +167,8 @@ def main(argv=None):
             if not ok:
                 raise RuntimeError(f"warm start {kind} failed; see {workdir}/log.txt:\n"
                                    f"{_tail(os.path.join(workdir, 'log.txt'))}")
+            with open(recipe_path, "w", encoding="utf-8") as f:
+                json.dump(recipe, f, indent=1, sort_keys=True)
         with open(summary, encoding="utf-8") as f:
             result = json.load(f)
         say(f"warm start {kind}: held-out accuracy {result['final'].get('greedy/accuracy')}"

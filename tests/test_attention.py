@@ -130,6 +130,22 @@ def test_dense_matches_numpy_oracle(data):
     np.testing.assert_allclose(got, np_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots), **TOL)
 
 
+def test_dense_one_query_decode_step_matches_numpy_oracle():
+    """T = 1 (a decode step) takes the transpose-free path: the same attention, pads and kv_valid_len included."""
+    b, s, hq, hkv, d = 3, 11, 4, 2, 8
+    q_seg = np.array([[1], [1], [0]], np.int32)
+    kv_seg = np.array([[1] * 6 + [0] * 5, [1] * 11, [1] * 11], np.int32)
+    q_slots = np.array([[5], [9], [3]], np.int32)
+    kv_slots = np.arange(s, dtype=np.int32)
+    q, k, v, _ = _qkv(3, b, 1, s, hq, hkv, d)
+    for kv_len in (None, 8):
+        extra = {} if kv_len is None else {"kv_valid_len": jnp.int32(kv_len)}
+        got = _forward("dense")(q, k, v, q_seg, kv_seg, q_slots, kv_slots, **extra)
+        np.testing.assert_allclose(got, np_attention(q, k, v, q_seg, kv_seg, q_slots, kv_slots, kv_len=kv_len),
+                                   **TOL)
+        assert np.all(np.asarray(got)[2] == 0)
+
+
 def test_dense_kv_valid_len_and_pad_rows_match_oracle():
     b, t, s, hq, hkv, d = 2, 3, 7, 2, 1, 4
     q_seg = np.array([[1, 1, 0], [0, 0, 0]], np.int32)

@@ -225,3 +225,7 @@ def test_repro_command_end_to_end_on_a_tiny_budget(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("(reused)") == 4 and "WARNING" not in again.stdout, \
         again.stdout
+    # A warm start trained with another recipe is never reused silently: the runs it would feed are refused.
+    changed = subprocess.run(cmd + ["--warm_start_set=warm_start.epochs=2"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert changed.returncode == 1 and "trained with another recipe" in changed.stdout, changed.stdout

@@ -143,6 +143,43 @@ def test_multi_turn_reuse_prefills_only_new_tokens_and_matches_a_full_prefill(mo
             assert first == _full_recompute_greedy(graphdef, state, prompt, 4)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_prefill_row_blocks_sample_what_full_prefills_sample(model, temperature):
+    """prefill_rows: a prefill admitting few prompts runs over a block of rows gathered from the cache and written
+    back. Six three-turn episodes on four rows (refills beside running rows, evictions, continued rows) sample the
+    same tokens and log-probs as with every prefill over every row, prefilling the same tokens in fewer slots."""
+    graphdef, state = model
+    full = SamplerConfig(batch_size=4, max_new_tokens=4, prompt_buckets=(4, 8, 24), temperature=temperature)
+    prompts = PROMPTS + [[3, 3, 9], [8, 1]]
+    whole, blocks = Sampler(graphdef, CFG, full), Sampler(graphdef, CFG, dataclasses.replace(full, prefill_rows=(1, 2)))
+    want, _ = _three_turns(whole, state, prompts, seed=3)
+    got, _ = _three_turns(blocks, state, prompts, seed=3)
+    for samples, references in zip(got, want):
+        for x, y in zip(samples, references):
+            assert x.tokens.tolist() == y.tokens.tolist() and x.finish_reason == y.finish_reason
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+    for key in ("prefill_tokens", "reused_tokens", "evictions"):
+        assert blocks.stats[key] == whole.stats[key], key
+    assert blocks.stats["evictions"] > 0 and blocks.stats["reused_tokens"] > 0
+    assert blocks.stats["prefill_block_tokens"] < whole.stats["prefill_block_tokens"]
+    assert blocks.compiled_buckets > whole.compiled_buckets  # blocks of 1 or 2 rows were used
+
+
+def test_warm_up_compiles_every_program_before_generation(model):
+    graphdef, state = model
+    cfg = SamplerConfig(batch_size=4, max_new_tokens=3, prompt_buckets=(4, 8, 24), temperature=0.8, prefill_rows=(2,))
+    sampler = Sampler(graphdef, CFG, cfg)
+    assert sampler.warm_up(state) == sampler.compiled_programs > 0
+    assert sampler.compiled_buckets == 2 * 3  # blocks of 2 and 4 rows x 3 prompt buckets
+    compiled = sampler.compiled_programs
+    history = [list(p) for p in PROMPTS + PROMPTS[:2]]
+    for turn in range(2):  # every block size and bucket may be taken; nothing compiles any more
+        samples = sampler.generate(state, history, jax.random.key(turn))
+        history = [h + s.tokens.tolist() + _observation(turn, r) for r, (h, s) in enumerate(zip(history, samples))]
+    assert sampler.compiled_programs == compiled
+    assert sampler.warm_up(state) == 0
+
+
 def test_reuse_takes_the_right_rows_evicts_the_least_recent_and_forgets_old_weights(model):
     graphdef, state = model
     cfg = SamplerConfig(batch_size=2, max_new_tokens=3, prompt_buckets=(8, 24), temperature=0.0)
@@ -414,6 +451,9 @@ def test_bad_config():
         SamplerConfig(batch_size=1, max_new_tokens=1, overflow="drop")
     with pytest.raises(ValueError, match="rollout_weights='dp'"):
         SamplerConfig(batch_size=1, max_new_tokens=1, rollout_weights="dp")
+    for rows in ((4,), (2, 1), (0,)):
+        with pytest.raises(ValueError, match="prefill_rows must be ascending, distinct and in"):
+            SamplerConfig(batch_size=4, max_new_tokens=1, prefill_rows=rows)
 
 
 def test_decode_flops_follow_the_length_not_the_cache_size(model):

@@ -76,6 +76,10 @@ class SamplerConfig:
     prompt_buckets: ascending prefill block lengths; the largest is the longest prompt a row takes.
     max_stop_sequences / max_stop_tokens: the fixed shape of the stop table (stop sequences are data).
     rollout_weights: "tp" or "fsdp", the layout of the rollout copy of the weights on a mesh (module docstring).
+    prefill_rows: ascending row counts below batch_size: a prefill that admits at most that many prompts runs
+        a block of that many rows (gathered from the cache and written back), not all batch_size rows. () runs
+        every prefill over every row. One program per (rows, prompt bucket) pair used; on one device only
+        (on a mesh the rows are sharded and every prefill takes them all).
     """
 
     batch_size: int
@@ -90,9 +94,11 @@ class SamplerConfig:
     max_stop_sequences: int = 8
     max_stop_tokens: int = 8
     rollout_weights: str = "tp"
+    prefill_rows: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
+        object.__setattr__(self, "prefill_rows", tuple(int(r) for r in self.prefill_rows))
         object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"sampler batch_size and max_new_tokens must be >= 1, got {self.batch_size}, "
@@ -106,6 +112,10 @@ class SamplerConfig:
             raise ValueError(f"sampler needs top_k >= 0 (0 = off) and 0 < top_p <= 1, got {self.top_k}, {self.top_p}")
         if self.overflow not in OVERFLOW_MODES:
             raise ValueError(f"sampler overflow={self.overflow!r} is not supported; choose one of {list(OVERFLOW_MODES)}")
+        if list(self.prefill_rows) != sorted(set(self.prefill_rows)) or any(
+                not 1 <= r < self.batch_size for r in self.prefill_rows):
+            raise ValueError(f"sampler prefill_rows must be ascending, distinct and in [1, batch_size="
+                             f"{self.batch_size}), got {self.prefill_rows}")
         if self.rollout_weights not in ROLLOUT_WEIGHTS:
             raise ValueError(f"sampler rollout_weights={self.rollout_weights!r} is not supported; choose one of "
                              f"{list(ROLLOUT_WEIGHTS)}")
@@ -259,6 +269,33 @@ class Sampler:
         self._bound = params
         self._forget_rows()
 
+    def warm_up(self, params) -> int:
+        """Compiles every program `generate` can run (each prefill block and prompt bucket, decode) by running each
+        once on no prompt, so that none compiles in the middle of a measured or time-limited rollout. Cached rows
+        are kept. Returns how many programs were compiled."""
+        cfg = self.config
+        before = self.compiled_programs
+        self.prepare(params)
+        programs = self._programs_for(params)
+        if self._cache is None:
+            self._cache, self._state = programs.init()
+        key_data, impl = _key_parts(jax.random.key(0))
+        put = programs.put
+        table = put(stop_table((), cfg), None)
+        for block in (*(cfg.prefill_rows if programs.mesh is None else ()), cfg.batch_size):
+            idle = np.zeros(block, np.int32)
+            row_ids = np.arange(block, dtype=np.int32) if block == cfg.batch_size else np.full(block, cfg.batch_size,
+                                                                                              np.int32)
+            for bucket in cfg.prompt_buckets:  # n_new = 0 everywhere: no row changes
+                self._cache, self._state = programs.prefill(
+                    self._rollout, self._cache, self._state, put(np.full((block, bucket), cfg.pad_id, np.int32), "rows"),
+                    put(idle, "rows"), put(idle, "rows"), put(idle, "rows"), put(row_ids, "rows"), put(key_data, None),
+                    impl, table)
+        self._cache, self._state, _ = programs.decode(  # no live row: returns at once
+            self._rollout, self._cache, self._state, put(np.zeros(cfg.batch_size, bool), "rows"),
+            put(np.int32(1), None), put(key_data, None), impl, table)
+        return self.compiled_programs - before
+
     def release(self) -> None:
         """Frees the KV cache, the decode state and the rollout copy of the weights (device memory the update
         that follows a rollout batch needs) and forgets the cached rows. The next `generate` makes them again
@@ -371,22 +408,37 @@ class Sampler:
             self.stats["prefill_tokens"] += len(prompts[i]) - keep
         return admitted
 
+    def _prefill_block(self, programs: _Programs, admitted: int) -> int:
+        """How many rows the prefill of `admitted` prompts runs over (SamplerConfig.prefill_rows)."""
+        if programs.mesh is None:
+            for rows in self.config.prefill_rows:
+                if admitted <= rows:
+                    return rows
+        return self.config.batch_size
+
     def _prefill(self, programs: _Programs, admitted, prompts, key_data, impl, table) -> None:
         cfg = self.config
         bucket = self._bucket(max(len(prompts[i]) - keep for _, i, keep in admitted))
-        tokens = np.full((cfg.batch_size, bucket), cfg.pad_id, np.int32)
-        n_new = np.zeros(cfg.batch_size, np.int32)
-        keep_at = np.zeros(cfg.batch_size, np.int32)
-        prompt_ids = np.zeros(cfg.batch_size, np.int32)
-        for row, i, keep in admitted:
+        block = self._prefill_block(programs, len(admitted))
+        tokens = np.full((block, bucket), cfg.pad_id, np.int32)
+        n_new = np.zeros(block, np.int32)
+        keep_at = np.zeros(block, np.int32)
+        prompt_ids = np.zeros(block, np.int32)
+        # A full block is laid out by row; a smaller one lists its rows (unused entries point past the last row:
+        # nothing is written there).
+        row_ids = np.arange(block, dtype=np.int32) if block == cfg.batch_size else np.full(block, cfg.batch_size,
+                                                                                          np.int32)
+        for j, (row, i, keep) in enumerate(admitted):
+            at = row if block == cfg.batch_size else j
             new = prompts[i][keep:]
-            tokens[row, :len(new)] = new
-            n_new[row], keep_at[row], prompt_ids[row] = len(new), keep, i
+            tokens[at, :len(new)] = new
+            n_new[at], keep_at[at], prompt_ids[at], row_ids[at] = len(new), keep, i, row
         put = programs.put
         self._cache, self._state = programs.prefill(
             self._rollout, self._cache, self._state, put(tokens, "rows"), put(n_new, "rows"), put(keep_at, "rows"),
-            put(prompt_ids, "rows"), put(key_data, None), impl, put(table, None))
+            put(prompt_ids, "rows"), put(row_ids, "rows"), put(key_data, None), impl, put(table, None))
         self.stats["prefill_calls"] += 1
+        self.stats["prefill_block_tokens"] += block * bucket
 
     # ------------------------------------------------------------------------------ the traced programs
 
@@ -417,9 +469,31 @@ class Sampler:
                             tokens=jnp.full((b, n), cfg.pad_id, jnp.int32), logprobs=jnp.zeros((b, n), jnp.float32))
         return cache, state
 
-    def _prefill_impl(self, params, cache, state, tokens, n_new, keep, prompt_ids, key_data, impl, table):
-        """Rows with n_new > 0 drop their slots from keep on, take tokens[:, :n_new] there and sample their
-        first token; the other rows are untouched. tokens [B, T]; n_new, keep, prompt_ids [B]."""
+    def _prefill_impl(self, params, cache, state, tokens, n_new, keep, prompt_ids, row_ids, key_data, impl,
+                      table):
+        """Block entries with n_new > 0 drop their row's slots from keep on, take tokens[:, :n_new] there and
+        sample their first token; the other rows are untouched. tokens [R, T]; n_new, keep, prompt_ids, row_ids
+        [R]. With R = batch_size entry r is row r (row_ids unused); with fewer, entry r is row row_ids[r] (one
+        past the last row: unused), whose cache and state are gathered, prefilled and written back."""
+        if tokens.shape[0] == self.config.batch_size:
+            return self._prefill_rows(params, cache, state, tokens, n_new, keep, prompt_ids, key_data, impl, table)
+        take = lambda x: jnp.take(x, row_ids, axis=0, mode="clip")  # noqa: E731
+        block = KVCache(k=jnp.take(cache.k, row_ids, axis=1, mode="clip"),
+                        v=jnp.take(cache.v, row_ids, axis=1, mode="clip"), segment_ids=take(cache.segment_ids),
+                        lengths=take(cache.lengths), end_index=cache.end_index)
+        block, block_state = self._prefill_rows(params, block, jax.tree.map(take, state), tokens, n_new, keep,
+                                                prompt_ids, key_data, impl, table)
+        put = lambda full, part: full.at[row_ids].set(part, mode="drop")  # noqa: E731
+        segment_ids = put(cache.segment_ids, block.segment_ids)
+        slot = jnp.arange(cache.max_len, dtype=jnp.int32)[None, :]
+        cache = KVCache(k=cache.k.at[:, row_ids].set(block.k, mode="drop"),
+                        v=cache.v.at[:, row_ids].set(block.v, mode="drop"), segment_ids=segment_ids,
+                        lengths=put(cache.lengths, block.lengths),
+                        end_index=jnp.max(jnp.where(segment_ids != 0, slot + 1, 0)).astype(jnp.int32))
+        return cache, jax.tree.map(put, state, block_state)
+
+    def _prefill_rows(self, params, cache, state, tokens, n_new, keep, prompt_ids, key_data, impl, table):
+        """`_prefill_impl` on a cache and state of tokens.shape[0] rows, entry r being row r."""
         cfg = self.config
         model = nnx.merge(self.graphdef, params)
         b, t = tokens.shape
@@ -481,8 +555,10 @@ class Sampler:
 
     # --------------------------------------------------------------------------------- compile-only use
 
-    def lowered(self, params, program: str, bucket: int | None = None) -> jax.stages.Lowered:
-        """`jit(...).lower(...)` of "prefill" (at `bucket`) or "decode" on abstract shapes, for compile-only
+    def lowered(self, params, program: str, bucket: int | None = None, rows: int | None = None
+                ) -> jax.stages.Lowered:
+        """`jit(...).lower(...)` of "prefill" (at `bucket`, over `rows` rows: default all) or "decode" on abstract
+        shapes, for compile-only
         memory figures: `params` may be abstract (ShapeDtypeStructs with the training shardings); the rollout
         copy, the cache and every input are abstract too."""
         programs = self._programs_for(params)
@@ -492,6 +568,7 @@ class Sampler:
         cache = programs.abstract(cache, programs.cache_shardings)
         state = programs.abstract(state, programs.state_shardings)
         b = self.config.batch_size
+        r = rows or b
         rows = lambda shape, dtype: programs.abstract_input(shape, dtype, "rows")  # noqa: E731
         key_data, impl = _key_parts(jax.random.key(0))
         key = programs.abstract_input(key_data.shape, key_data.dtype, None)
@@ -499,8 +576,9 @@ class Sampler:
                                         None)
         if program == "prefill":
             t = bucket or self.config.prompt_buckets[-1]
-            return programs.prefill.lower(rollout, cache, state, rows((b, t), jnp.int32), rows((b,), jnp.int32),
-                                          rows((b,), jnp.int32), rows((b,), jnp.int32), key, impl, table)
+            return programs.prefill.lower(rollout, cache, state, rows((r, t), jnp.int32), rows((r,), jnp.int32),
+                                          rows((r,), jnp.int32), rows((r,), jnp.int32), rows((r,), jnp.int32), key,
+                                          impl, table)
         if program == "decode":
             return programs.decode.lower(rollout, cache, state, rows((b,), bool),
                                          programs.abstract_input((), jnp.int32, None), key, impl, table)
@@ -591,7 +669,7 @@ class _Programs:
             self.rollout = jax.jit(self.cast, out_shardings=shardings)
             self.prefill = jax.jit(
                 with_mesh(self._prefill_fn), donate_argnums=(1, 2), out_shardings=self._carried,
-                in_shardings=(shardings, *self._carried, rows, rows, rows, rows, rep, rep), **self._statics)
+                in_shardings=(shardings, *self._carried, rows, rows, rows, rows, rows, rep, rep), **self._statics)
             self.decode = jax.jit(
                 with_mesh(self._decode_fn), donate_argnums=(1, 2), out_shardings=(*self._carried, rep),
                 in_shardings=(shardings, *self._carried, rows, rep, rep, rep), **self._statics)
