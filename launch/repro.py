@@ -13,8 +13,9 @@ processes runs, in order:
      held-out episodes fail (launch/evaluate.py --failures --initial, into <root>/warm_<kind>/eval/failures.json);
   2. each setting and seed (launch/train.py --config configs/repro/<setting>.py:<root>), into
      <root>/<setting>/seed<N>/, with its output in log.txt there, as soon as its warm start is done (the RL runs
-     of the warm starts that finish first go first); a finished run is reused, an interrupted one resumes from
-     its checkpoint; then where its final greedy held-out episodes fail (failures.json beside it);
+     of the warm starts that finish first go first, and none waits in a process slot for its warm start); a
+     finished run is reused, an interrupted one resumes from its checkpoint; then where its final greedy held-out
+     episodes fail (failures.json beside it);
   3. the tables, the curves and results.json in --out (mgrpo_jax/comparison.py).
 Every process shares one JAX compilation cache (<root>/jax_cache, or $JAX_COMPILATION_CACHE_DIR): runs of the same
 shapes compile once. A failed run is reported with its log and left out of the table (the table's "Runs that did
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -210,11 +211,15 @@ def main(argv=None):
     kinds = list(dict.fromkeys(WARM_START_OF[s] for s in settings))
     with ThreadPoolExecutor(args.jobs) as pool:
         warm: dict[str, Future] = {kind: pool.submit(warm_start, kind) for kind in kinds}
-        # The runs of the first warm starts first (they are ready first), seed-major within a warm start.
-        jobs = [(setting, seed) for kind in kinds for seed in seeds for setting in settings
-                if WARM_START_OF[setting] == kind]
-        futures = {pool.submit(run, setting, seed, warm[WARM_START_OF[setting]]): (setting, seed)
-                   for setting, seed in jobs}
+        # A warm start's runs are queued when it has finished (seed-major), so that no process slot sits waiting
+        # for a warm start while another run could use it.
+        kind_of = {future: kind for kind, future in warm.items()}
+        futures = {}
+        for done in as_completed(warm.values()):
+            for seed in seeds:
+                for setting in settings:
+                    if WARM_START_OF[setting] == kind_of[done]:
+                        futures[pool.submit(run, setting, seed, done)] = (setting, seed)
         runs = []
         for future, (setting, seed) in futures.items():
             try:
@@ -254,11 +259,15 @@ def main(argv=None):
     warm_meta = {kind: {k: v for k, v in r["final"].items() if k.startswith(("explore/", "greedy/accuracy"))}
                  for kind, r in warm_results.items()}
     meta["warm starts (held-out greedy accuracy, room to explore)"] = json.dumps(warm_meta, sort_keys=True)
+    # A subset of the group's settings still reads as that group's table, saying which settings it lacks.
+    of_group = set(settings) <= set(GROUPS[args.group])
+    left_out = [s for s in GROUPS[args.group] if s not in settings]
+    missing = f" Not in this table (not run yet): {', '.join(left_out)}." if of_group and left_out else ""
     paths = write_results(out_dir, runs, settings=settings, start_accuracy=start_accuracy, meta=meta,
                           failures=failures, start_failures=start_failures,
                           notes={s: SETTING_NOTES[s] for s in settings},
-                          title=f"Results: {args.group}" if args.settings is None else "Results",
-                          preamble=PREAMBLE.get(args.group, "") if args.settings is None else "")
+                          title=f"Results: {args.group}" if of_group else "Results",
+                          preamble=PREAMBLE.get(args.group, "") + missing if of_group else "")
     say(f"wrote {', '.join(paths.values())} in {wall / 60:.1f} min")
     if failures:
         sys.exit(1)
