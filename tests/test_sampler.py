@@ -143,8 +143,7 @@ def test_multi_turn_reuse_prefills_only_new_tokens_and_matches_a_full_prefill(mo
             assert first == _full_recompute_greedy(graphdef, state, prompt, 4)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_prefill_row_blocks_sample_what_full_prefills_sample(model, temperature):
+def test_prefill_row_blocks_sample_what_full_prefills_sample(model, temperature=0.8):
     """prefill_rows: a prefill admitting few prompts runs over a block of rows gathered from the cache and written
     back. Six three-turn episodes on four rows (refills beside running rows, evictions, continued rows) sample the
     same tokens and log-probs as with every prefill over every row, prefilling the same tokens in fewer slots."""

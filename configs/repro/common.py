@@ -77,8 +77,9 @@ LORA_RANK = 8
 LORA_LEARNING_RATE = 3e-3
 SUB_SAMPLER_BATCH = 16
 # A prefill that admits few prompts (a refill beside running rows, the last turns) runs over a block of this many
-# rows instead of all of them (SamplerConfig.prefill_rows): bench/sampler.py --warm-start, same episodes,
-# rollout 4.83 -> 3.54 s per batch on a loaded machine.
+# rows instead of all of them (SamplerConfig.prefill_rows): bench/sampler.py --warm-start, same episodes, 38%
+# fewer prefill token slots; rollout 4.83 -> 3.54 s per batch with other runs sharing the cores, no measurable
+# change on a quiet machine (the 2 cores are then as busy with a small block as with a full one).
 PREFILL_ROWS = {"main": (8, 16), "sub": (4, 8)}
 EVAL_QUESTIONS = 128  # held-out
 EVAL_RL_QUESTIONS = 64  # the first RL questions, beside held-out
