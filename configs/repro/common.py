@@ -9,12 +9,13 @@ warm start never saw, whose names the agents must copy rather than recall.
 The warm start (launch/warm_start.py) is supervised fine-tuning on demonstrations of a mixed-quality teacher
 (train/demonstrations.py): in the core setting, with probability `SHORTCUT` the main teacher answers with what
 it last read instead of delegating the last hop; in the bottleneck setting, the sub teacher instead reports a
-name from the search results without reading, with the same probability. Each epoch draws the shortcuts afresh, so the warm-started agents learn the mixture,
-not which question took the shortcut: on new questions they sample both behaviours, and with a shortcut rate
-above one half greedy decoding mostly takes the shortcut. The shortcuts never earn the reward; RL has to find
-that out, and greedy accuracy rises when it flips the agents' preference. Each setting then gets the same RL budget:
-`TOTAL_STEPS` steps of Q x K main episodes, with greedy evaluation of the held-out questions and of the first
-RL questions every `EVAL_EVERY` steps (the curves) and before the first step.
+name from the search results without reading, with the same probability. Each epoch draws the shortcuts afresh,
+so the warm-started agents learn the mixture, not which question took the shortcut: on new questions they sample
+both behaviours, and with a shortcut rate above one half greedy decoding mostly takes the shortcut. The shortcuts
+never earn the reward; RL has to find that out, and greedy accuracy rises when it flips the agents' preference.
+Each setting then gets the same RL budget: `TOTAL_STEPS` steps of Q x K main episodes, with greedy evaluation of
+the held-out questions and of the first RL questions every `EVAL_EVERY` steps (the curves) and before the first
+step.
 
     warm start     its settings                                       one model per ...
     multi          co_train, co_train_no_alignment, main_only,        role (main, sub)
@@ -103,8 +104,8 @@ GROUPS = {
 SETTING_NOTES = {
     "co_train": "M-GRPO: main + sub trained (2 x 0.72M params)",
     "main_only": "same warm start as co_train; sub frozen",
-    "single_agent": f"one agent with the tools, params = main + sub (1.46M), same questions, SFT {SINGLE_EPOCHS} epochs "
-                    "(the others' 10 left it unfit)",
+    "single_agent": f"one agent with the tools, params = main + sub (1.46M), same questions, SFT "
+                    f"{SINGLE_EPOCHS} epochs (the others' 10 left it unfit)",
     "co_train_no_alignment": "co_train with missing sub slots masked, no duplicates",
     "co_train_lora": f"co_train training rank-{LORA_RANK} LoRA adapters only (base frozen), lr {LORA_LEARNING_RATE:g}",
     "shared_model": "one 0.72M model plays both roles",

@@ -287,10 +287,10 @@ class Sampler:
             row_ids = np.arange(block, dtype=np.int32) if block == cfg.batch_size else np.full(block, cfg.batch_size,
                                                                                               np.int32)
             for bucket in cfg.prompt_buckets:  # n_new = 0 everywhere: no row changes
+                pads = np.full((block, bucket), cfg.pad_id, np.int32)
                 self._cache, self._state = programs.prefill(
-                    self._rollout, self._cache, self._state, put(np.full((block, bucket), cfg.pad_id, np.int32), "rows"),
-                    put(idle, "rows"), put(idle, "rows"), put(idle, "rows"), put(row_ids, "rows"), put(key_data, None),
-                    impl, table)
+                    self._rollout, self._cache, self._state, put(pads, "rows"), put(idle, "rows"), put(idle, "rows"),
+                    put(idle, "rows"), put(row_ids, "rows"), put(key_data, None), impl, table)
         self._cache, self._state, _ = programs.decode(  # no live row: returns at once
             self._rollout, self._cache, self._state, put(np.zeros(cfg.batch_size, bool), "rows"),
             put(np.int32(1), None), put(key_data, None), impl, table)
