@@ -58,9 +58,11 @@ def _flatten(tree, prefix=""):
 
 
 def recipe_mismatch(recorded: dict, current: dict) -> list[str]:
-    """The keys whose values differ between two recipes (warm-start configs as JSON dicts, plus overrides)."""
+    """The keys whose values differ between two recipes (warm-start configs as JSON dicts, plus overrides). Keys
+    that only one of them has are not compared: a config key added since (with its default, e.g. a new sampler
+    option) does not invalidate the warm starts trained before it. The overrides are one list, compared whole."""
     a, b = _flatten(recorded), _flatten(current)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
 
 
 def _override(pairs, key, default):

@@ -177,6 +177,20 @@ def test_write_results_writes_the_table_the_curves_and_every_run(tmp_path):
         write_results(str(tmp_path / "empty"), [])
 
 
+def test_recipe_mismatch_compares_common_keys_and_the_overrides():
+    """launch/repro.py's reuse check: a changed value or override list differs; a key added since does not."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("repro_launcher", os.path.join(ROOT, "launch", "repro.py"))
+    repro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(repro)
+    recorded = {"config": {"warm_start": {"epochs": 10}, "seed": 0}, "warm_start_set": []}
+    assert repro.recipe_mismatch(recorded, {"config": {"warm_start": {"epochs": 10, "new_option": ()}, "seed": 0},
+                                            "warm_start_set": []}) == []
+    assert repro.recipe_mismatch(recorded, {"config": {"warm_start": {"epochs": 24}, "seed": 0},
+                                            "warm_start_set": ["seed=1"]}) == ["config.warm_start.epochs",
+                                                                               "warm_start_set"]
+
+
 def test_repro_command_end_to_end_on_a_tiny_budget(tmp_path):
     """launch/repro.py as the README runs it, shrunk: both warm-start kinds it needs (multi-agent, single agent),
     two settings x one seed of RL with evaluations at step 0, 1 and 2, the results; then a second invocation
