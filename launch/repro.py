@@ -30,6 +30,8 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
+from flax.traverse_util import flatten_dict
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
@@ -47,21 +49,11 @@ def _parse_set(pairs):
     return out
 
 
-def _flatten(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def recipe_mismatch(recorded: dict, current: dict) -> list[str]:
     """The keys whose values differ between two recipes (warm-start configs as JSON dicts, plus overrides). Keys
     that only one of them has are not compared: a config key added since (with its default, e.g. a new sampler
     option) does not invalidate the warm starts trained before it. The overrides are one list, compared whole."""
-    a, b = _flatten(recorded), _flatten(current)
+    a, b = flatten_dict(recorded, sep="."), flatten_dict(current, sep=".")
     return sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
 
 

@@ -622,15 +622,19 @@ class KVCache:
         """(k, v) as `dtype` (the compute dtype the cache was made for), [layers, B, max_len, kv_heads, head_dim]."""
         return tuple(jax.lax.bitcast_convert_type(x, dtype) for x in (self.k, self.v))
 
+    @classmethod
+    def packed(cls, k: Array, v: Array, segment_ids: Array) -> "KVCache":
+        """A cache of rows packed from slot 0 (the sampler's layout), its lengths and end_index derived from the
+        segment ids: a row's length is its count of real slots."""
+        slot = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+        return cls(k=k, v=v, segment_ids=segment_ids, lengths=jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
+                   end_index=jnp.max(jnp.where(segment_ids != 0, slot + 1, 0)).astype(jnp.int32))
+
     def truncate(self, keep: Array) -> "KVCache":
         """Keeps slots [0, keep[b]) of each row b (keep [B] int32; >= max_len keeps the whole row) and empties
         the rest, so that a row packed from slot 0 can be refilled after a reused prefix (or from 0)."""
-        s = self.max_len
-        slot = jnp.arange(s, dtype=jnp.int32)[None, :]
-        segment_ids = jnp.where(slot < keep[:, None], self.segment_ids, 0)
-        return dataclasses.replace(self, segment_ids=segment_ids,
-                                   lengths=jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32),
-                                   end_index=jnp.max(jnp.where(segment_ids != 0, slot + 1, 0)).astype(jnp.int32))
+        slot = jnp.arange(self.max_len, dtype=jnp.int32)[None, :]
+        return KVCache.packed(self.k, self.v, jnp.where(slot < keep[:, None], self.segment_ids, 0))
 
 
 # ------------------------------------------------------------------------------------------------ model

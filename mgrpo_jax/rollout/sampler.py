@@ -280,20 +280,14 @@ class Sampler:
         if self._cache is None:
             self._cache, self._state = programs.init()
         key_data, impl = _key_parts(jax.random.key(0))
+        table = stop_table((), cfg)
+        for block in self._prefill_blocks(programs):
+            for bucket in cfg.prompt_buckets:  # no entry: nothing is prefilled, no row changes
+                self._run_prefill(programs, block, bucket, [], [], key_data, impl, table)
         put = programs.put
-        table = put(stop_table((), cfg), None)
-        for block in (*(cfg.prefill_rows if programs.mesh is None else ()), cfg.batch_size):
-            idle = np.zeros(block, np.int32)
-            row_ids = np.arange(block, dtype=np.int32) if block == cfg.batch_size else np.full(block, cfg.batch_size,
-                                                                                              np.int32)
-            for bucket in cfg.prompt_buckets:  # n_new = 0 everywhere: no row changes
-                pads = np.full((block, bucket), cfg.pad_id, np.int32)
-                self._cache, self._state = programs.prefill(
-                    self._rollout, self._cache, self._state, put(pads, "rows"), put(idle, "rows"), put(idle, "rows"),
-                    put(idle, "rows"), put(row_ids, "rows"), put(key_data, None), impl, table)
         self._cache, self._state, _ = programs.decode(  # no live row: returns at once
             self._rollout, self._cache, self._state, put(np.zeros(cfg.batch_size, bool), "rows"),
-            put(np.int32(1), None), put(key_data, None), impl, table)
+            put(np.int32(1), None), put(key_data, None), impl, put(table, None))
         return self.compiled_programs - before
 
     def release(self) -> None:
@@ -408,28 +402,32 @@ class Sampler:
             self.stats["prefill_tokens"] += len(prompts[i]) - keep
         return admitted
 
-    def _prefill_block(self, programs: _Programs, admitted: int) -> int:
-        """How many rows the prefill of `admitted` prompts runs over (SamplerConfig.prefill_rows)."""
-        if programs.mesh is None:
-            for rows in self.config.prefill_rows:
-                if admitted <= rows:
-                    return rows
-        return self.config.batch_size
+    def _prefill_blocks(self, programs: _Programs) -> tuple[int, ...]:
+        """The row counts a prefill may run over, ascending (SamplerConfig.prefill_rows; all rows on a mesh)."""
+        rows = self.config.prefill_rows if programs.mesh is None else ()
+        return (*rows, self.config.batch_size)
 
     def _prefill(self, programs: _Programs, admitted, prompts, key_data, impl, table) -> None:
-        cfg = self.config
         bucket = self._bucket(max(len(prompts[i]) - keep for _, i, keep in admitted))
-        block = self._prefill_block(programs, len(admitted))
+        block = next(rows for rows in self._prefill_blocks(programs) if len(admitted) <= rows)
+        self._run_prefill(programs, block, bucket, admitted, prompts, key_data, impl, table)
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_block_tokens"] += block * bucket
+
+    def _run_prefill(self, programs: _Programs, block: int, bucket: int, admitted, prompts, key_data, impl,
+                     table) -> None:
+        """Runs the prefill program over `block` rows at `bucket` tokens for the admitted (row, prompt index, kept
+        prefix) entries. A full block is laid out by row; a smaller one lists its rows (unused entries point past
+        the last row: nothing is written there)."""
+        cfg = self.config
         tokens = np.full((block, bucket), cfg.pad_id, np.int32)
         n_new = np.zeros(block, np.int32)
         keep_at = np.zeros(block, np.int32)
         prompt_ids = np.zeros(block, np.int32)
-        # A full block is laid out by row; a smaller one lists its rows (unused entries point past the last row:
-        # nothing is written there).
-        row_ids = np.arange(block, dtype=np.int32) if block == cfg.batch_size else np.full(block, cfg.batch_size,
-                                                                                          np.int32)
+        full = block == cfg.batch_size
+        row_ids = np.arange(block, dtype=np.int32) if full else np.full(block, cfg.batch_size, np.int32)
         for j, (row, i, keep) in enumerate(admitted):
-            at = row if block == cfg.batch_size else j
+            at = row if full else j
             new = prompts[i][keep:]
             tokens[at, :len(new)] = new
             n_new[at], keep_at[at], prompt_ids[at], row_ids[at] = len(new), keep, i, row
@@ -437,8 +435,6 @@ class Sampler:
         self._cache, self._state = programs.prefill(
             self._rollout, self._cache, self._state, put(tokens, "rows"), put(n_new, "rows"), put(keep_at, "rows"),
             put(prompt_ids, "rows"), put(row_ids, "rows"), put(key_data, None), impl, put(table, None))
-        self.stats["prefill_calls"] += 1
-        self.stats["prefill_block_tokens"] += block * bucket
 
     # ------------------------------------------------------------------------------ the traced programs
 
@@ -484,12 +480,9 @@ class Sampler:
         block, block_state = self._prefill_rows(params, block, jax.tree.map(take, state), tokens, n_new, keep,
                                                 prompt_ids, key_data, impl, table)
         put = lambda full, part: full.at[row_ids].set(part, mode="drop")  # noqa: E731
-        segment_ids = put(cache.segment_ids, block.segment_ids)
-        slot = jnp.arange(cache.max_len, dtype=jnp.int32)[None, :]
-        cache = KVCache(k=cache.k.at[:, row_ids].set(block.k, mode="drop"),
-                        v=cache.v.at[:, row_ids].set(block.v, mode="drop"), segment_ids=segment_ids,
-                        lengths=put(cache.lengths, block.lengths),
-                        end_index=jnp.max(jnp.where(segment_ids != 0, slot + 1, 0)).astype(jnp.int32))
+        cache = KVCache.packed(cache.k.at[:, row_ids].set(block.k, mode="drop"),
+                               cache.v.at[:, row_ids].set(block.v, mode="drop"),
+                               put(cache.segment_ids, block.segment_ids))
         return cache, jax.tree.map(put, state, block_state)
 
     def _prefill_rows(self, params, cache, state, tokens, n_new, keep, prompt_ids, key_data, impl, table):
