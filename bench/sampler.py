@@ -17,6 +17,7 @@ Prints figures only; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import sys
 import time
@@ -123,48 +124,67 @@ def bench_controller(args) -> None:
     print("  " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(batch.stats.items()) if isinstance(v, float)))
 
 
+# The sampler settings the multi-turn workload is timed with: what each stage of issue 13's work changed.
+MULTITURN_VARIANTS = {
+    "before": {"prefill_rows": (), "attention": "", "attention_block": 512},  # every prefill over every row, dense
+    "row_blocks": {"attention": "", "attention_block": 512},  # + prefill over a block of the admitted rows
+    "tiled": {},  # + attention over the cache in tiles up to its filled extent (the repro configs' setting)
+}
+
+
 def bench_multiturn(args) -> None:
+    """Times each variant's rollout batches in interleaved rounds (this machine's speed drifts by +-30% within
+    minutes; interleaving exposes every variant to the same drift) and reports the best and median round."""
+    import statistics
     import tempfile
 
     from configs.repro import co_train
     from mgrpo_jax.data.synthetic import read_questions_jsonl
     from mgrpo_jax.experiment import build_experiment
 
-    config = co_train.get_config(args.warm_start)
-    if args.full_prefill:  # every prefill over every row (how the sampler ran before SamplerConfig.prefill_rows)
+    runs = {}
+    for name in args.variants:
+        config = co_train.get_config(args.warm_start)
         for role in ("main", "sub"):
-            config.agents[role].sampler.prefill_rows = ()
-    q, k = config.mgrpo.num_queries, config.mgrpo.num_rollouts
-    exp = build_experiment(config, tempfile.mkdtemp(prefix="bench_multiturn_"))
-    questions = [x.question for x in read_questions_jsonl(exp.data.train_files[0])]
-    samplers = {role: agent.policy.sampler for role, agent in exp.agents.items()}
-    exp.controller.run(questions[:q], k, jax.random.key(0))
-    compiled = {role: agent.policy.sampler.warm_up(agent.policy.params) for role, agent in exp.agents.items()}
-    for sampler in samplers.values():  # every program is compiled: the timed batches compile nothing
-        sampler.release()
-        sampler.stats.clear()
-    episodes = tokens = 0
-    start = time.perf_counter()
-    for i in range(args.batches):
-        batch = exp.controller.run(questions[(i + 1) * q:(i + 2) * q], k, jax.random.key(i + 1))
-        trajectories = batch.main + batch.sub
-        episodes += len(trajectories)
-        tokens += sum(int(sum(t.loss_mask)) for t in trajectories)  # the tokens the agents sampled
-    elapsed = time.perf_counter() - start
+            for key, value in MULTITURN_VARIANTS[name].items():
+                config.agents[role].sampler[key] = value
+        exp = build_experiment(config, tempfile.mkdtemp(prefix=f"bench_multiturn_{name}_"))
+        q, k = config.mgrpo.num_queries, config.mgrpo.num_rollouts
+        questions = [x.question for x in read_questions_jsonl(exp.data.train_files[0])]
+        exp.controller.run(questions[:q], k, jax.random.key(0))
+        for agent in exp.agents.values():  # every program is compiled: the timed batches compile nothing
+            agent.policy.sampler.warm_up(agent.policy.params)
+            agent.policy.sampler.release()
+            agent.policy.sampler.stats.clear()
+        runs[name] = (exp, questions, q, k, [], collections.Counter())
+    for _ in range(args.rounds):
+        for name, (exp, questions, q, k, times, counts) in runs.items():
+            episodes = tokens = 0
+            start = time.perf_counter()
+            for i in range(args.batches):
+                batch = exp.controller.run(questions[(i + 1) * q:(i + 2) * q], k, jax.random.key(i + 1))
+                trajectories = batch.main + batch.sub
+                episodes += len(trajectories)
+                tokens += sum(int(sum(t.loss_mask)) for t in trajectories)  # the tokens the agents sampled
+            times.append(time.perf_counter() - start)
+            counts["episodes"], counts["tokens"] = episodes, tokens
     print(f"\nmulti-turn episodes of the warm-started tiny agents ({args.warm_start}): {args.batches} batches of "
-          f"{q} x {k} main episodes and their sub-agent episodes; prefill row blocks "
-          + ", ".join(f"{r} {s.config.prefill_rows or 'off'}" for r, s in samplers.items())
-          + f" ({compiled} programs compiled by warm_up after the first batch)")
-    print(f"  {episodes} episodes in {elapsed:.2f} s: {episodes / elapsed:.1f} episodes/s, {tokens / elapsed:.0f} "
-          f"generated tokens/s")
-    for role, sampler in samplers.items():
-        st = sampler.stats
-        prompt = max(st.get("prompt_tokens", 0), 1)
-        print(f"  {role}: prompt tokens {st.get('prompt_tokens', 0)}, reused from the slot cache "
-              f"{st.get('reused_tokens', 0)} ({st.get('reused_tokens', 0) / prompt:.0%}), prefilled "
-              f"{st.get('prefill_tokens', 0)} in blocks of {st.get('prefill_block_tokens', 0)} token slots; "
-              f"{st.get('prefill_calls', 0)} prefill and {st.get('decode_calls', 0)} decode calls, "
-              f"{st.get('evictions', 0)} evictions")
+          f"{q} x {k} main episodes and their sub-agent episodes per round, {args.rounds} interleaved rounds")
+    for name, (exp, _, _, _, times, counts) in runs.items():
+        best, median = min(times), statistics.median(times)
+        print(f"  {name:10s} {MULTITURN_VARIANTS[name] or 'the repro config'}: {counts['episodes']} episodes; best "
+              f"{counts['episodes'] / best:.1f} episodes/s ({counts['tokens'] / best:.0f} generated tokens/s), median "
+              f"{counts['episodes'] / median:.1f} episodes/s; rounds " + " ".join(f"{t:.2f}" for t in times) + " s")
+        for role, agent in exp.agents.items():
+            st, cfg = agent.policy.sampler.stats, agent.policy.sampler.config
+            prompt = max(st.get("prompt_tokens", 0), 1)
+            print(f"    {role}: prefill rows {cfg.prefill_rows or 'all'}, attention "
+                  f"{cfg.attention or agent.policy.sampler.model_config.attention!r} (tile {cfg.attention_block}); "
+                  f"prompt tokens {st.get('prompt_tokens', 0)}, reused from the slot cache "
+                  f"{st.get('reused_tokens', 0)} ({st.get('reused_tokens', 0) / prompt:.0%}), prefilled "
+                  f"{st.get('prefill_tokens', 0)} in blocks of {st.get('prefill_block_tokens', 0)} token slots; "
+                  f"{st.get('prefill_calls', 0)} prefill and {st.get('decode_calls', 0)} decode calls, "
+                  f"{st.get('evictions', 0)} evictions")
 
 
 def main() -> None:
@@ -175,9 +195,10 @@ def main() -> None:
     parser.add_argument("--skip-controller", action="store_true")
     parser.add_argument("--warm-start", default=None, metavar="ROOT",
                         help="a repro root with warm_multi/: time real multi-turn episodes of those agents")
-    parser.add_argument("--batches", type=int, default=4, help="rollout batches of the --warm-start workload")
-    parser.add_argument("--full-prefill", action="store_true", help="--warm-start workload with every prefill over "
-                        "every row (sampler.prefill_rows off): the figure before row blocks")
+    parser.add_argument("--batches", type=int, default=4, help="rollout batches per round of the --warm-start workload")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the --warm-start workload")
+    parser.add_argument("--variants", nargs="+", default=list(MULTITURN_VARIANTS), choices=list(MULTITURN_VARIANTS),
+                        help="sampler settings to time on the --warm-start workload (MULTITURN_VARIANTS)")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
     if args.warm_start:

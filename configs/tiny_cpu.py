@@ -27,7 +27,10 @@ def agent(hidden: int = 64, layers: int = 2, devices: int = 1) -> ConfigDict:
         "sampler": {"batch_size": 16, "max_new_tokens": 24, "prompt_buckets": (128, 256, 488),
                     "temperature": 1.0, "top_k": 0, "top_p": 1.0, "overflow": "error",
                     # Row blocks a prefill admitting fewer prompts runs over instead of every row (one device).
-                    "prefill_rows": ()},
+                    "prefill_rows": (),
+                    # How prefill/decode attend the cache: "" = the model's attention; "auto" with a tile of 128
+                    # visits only the filled part of the cache (configs/repro/common.py uses it).
+                    "attention": "", "attention_block": 512},
         "optimizer": {"learning_rate": 1e-4, "schedule": "constant", "warmup_steps": 0, "total_steps": 1000,
                       "b1": 0.9, "b2": 0.98, "weight_decay": 0.1, "max_grad_norm": 1.0},
         "loss": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0, "agg": "seq-mean-token-mean",

@@ -82,6 +82,9 @@ SUB_SAMPLER_BATCH = 16
 # fewer prefill token slots; rollout 4.83 -> 3.54 s per batch with other runs sharing the cores, no measurable
 # change on a quiet machine (the 2 cores are then as busy with a small block as with a full one).
 PREFILL_ROWS = {"main": (8, 16), "sub": (4, 8)}
+# Prefill and decode attend the cache in tiles of this many slots up to its filled extent (SamplerConfig.attention
+# "auto", attention_block), not densely over all of its 192 / 384 slots; see bench/sampler.py --warm-start.
+SAMPLER_ATTENTION_BLOCK = 128
 EVAL_QUESTIONS = 128  # held-out
 EVAL_RL_QUESTIONS = 64  # the first RL questions, beside held-out
 
@@ -193,6 +196,8 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
         # took 1.15 s per step against 1.80 s).
         c.agents[role].sampler.batch_size = QUERIES_PER_STEP * NUM_ROLLOUTS if role == "main" else SUB_SAMPLER_BATCH
         c.agents[role].sampler.prefill_rows = PREFILL_ROWS[role]
+        c.agents[role].sampler.attention = "auto"
+        c.agents[role].sampler.attention_block = SAMPLER_ATTENTION_BLOCK
     if mode == "co_train_lora":
         for role in ("main", "sub"):
             c.agents[role].lora.rank = LORA_RANK

@@ -388,8 +388,9 @@ def attention_mask_from_segments(q_segment_ids: Array, q_slots: Array, kv_segmen
 class _CacheView:
     """What one scanned layer needs of the stacked KV cache: the caches [L, B, S, kv_heads, head_dim] (words, see
     `KVCache`), this layer's index, where each new token goes (rows and slots [B, T]; a slot >= S is not
-    written), the keys' segment ids [B, S] (after this write) and slots [S], and the filled extent (`chunked`
-    never visits a tile at or above it)."""
+    written), the keys' segment ids [B, S] (after this write) and slots [S], the filled extent (`chunked`
+    never visits a tile at or above it), and how attention over the cache runs: the implementation and its tile
+    (queries and keys), static."""
 
     k: Array
     v: Array
@@ -399,6 +400,8 @@ class _CacheView:
     segment_ids: Array
     slots: Array
     valid_len: Array
+    implementation: str
+    block: int
 
 
 class Attention(nnx.Module):
@@ -474,8 +477,9 @@ class Attention(nnx.Module):
                 _to_words(x, words.dtype), mode="drop")
             new_cache = (write(cache.k, k), write(cache.v, v))
             out = attention_lib.attention(q, new_cache[0], new_cache[1], segment_ids, cache.segment_ids, slots,
-                                          cache.slots, implementation=c.attention, kv_valid_len=cache.valid_len,
-                                          kv_layer=cache.layer, mesh=current_mesh())
+                                          cache.slots, implementation=cache.implementation, block_q=cache.block,
+                                          block_kv=cache.block, kv_valid_len=cache.valid_len, kv_layer=cache.layer,
+                                          mesh=current_mesh())
         out = checkpoint_name(constrain(out, ("batch", "length", "q_heads", "head_dim")), ATTENTION_OUT)
         y = jnp.einsum("btnd,ndh->bth", out, self.o_kernel[...].astype(dt))
         adapter = lora_lib.apply(self, "o", out, dt, dropout_key, 3)
@@ -747,16 +751,20 @@ class Transformer(nnx.Module):
             aux["router_loss"] = c.router_aux_loss_coef * aux["load_balance"] + c.router_z_loss_coef * aux["z_loss"]
         return out, aux
 
-    def extend(self, tokens: Array, positions: Array, segment_ids: Array, slots: Array,
-               cache: KVCache) -> tuple[Array, KVCache]:
+    def extend(self, tokens: Array, positions: Array, segment_ids: Array, slots: Array, cache: KVCache, *,
+               attention: str | None = None, attention_block: int = 512) -> tuple[Array, KVCache]:
         """Runs a block of new tokens through the model, writing each real token's keys/values into the cache.
 
         tokens, positions (RoPE), segment_ids (0 = pad: not written, sees nothing; else 1), slots: [B, T] int32.
         Token t of row b goes to cache slot slots[b, t] and attends the cache's real tokens at slots <= its own
         (the cache's earlier tokens of that row and this block's). Slots must lie below `max_len` (a real token at
         a slot >= max_len is dropped) and never overwrite a slot the row still attends.
+        `attention` (default: the config's) and `attention_block` pick how the queries attend the cache (see
+        `attention.attention`: `auto` on CPU runs `chunked` over tiles of `attention_block` when the cache has more
+        slots than one tile, which visits only the tiles below the filled extent).
         Returns (hidden [B, T, H] after the final norm, the updated cache).
         """
+        implementation = self.config.attention if attention is None else attention
         segment_ids = (segment_ids != 0).astype(jnp.int32)
         real = segment_ids != 0
         s = cache.max_len
@@ -771,7 +779,8 @@ class Transformer(nnx.Module):
         # per-layer copies of the cache are made (and attention reads the tiles it needs from the carry).
         def body(layer, carry, index):
             h, k_all, v_all = carry
-            view = _CacheView(k_all, v_all, index, rows, write_slots, cache_segments, kv_slots, end_index)
+            view = _CacheView(k_all, v_all, index, rows, write_slots, cache_segments, kv_slots, end_index,
+                              implementation, attention_block)
             h, (k_all, v_all) = layer(h, sin, cos, segment_ids, slots, view)
             return h, k_all, v_all
 

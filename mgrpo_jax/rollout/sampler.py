@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax.kernels import filter_logits
+from mgrpo_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from mgrpo_jax.models.transformer import KVCache, ModelConfig
 
 OVERFLOW_MODES = ("left_truncate", "error")
@@ -80,6 +81,12 @@ class SamplerConfig:
         a block of that many rows (gathered from the cache and written back), not all batch_size rows. () runs
         every prefill over every row. One program per (rows, prompt bucket) pair used; on one device only
         (on a mesh the rows are sharded and every prefill takes them all).
+    attention: how prefill and decode attend the cache: "" = the model's `attention`, else one of
+        `attention.IMPLEMENTATIONS` (the same result; only the cost differs). attention_block: its tile, queries
+        and keys: with "auto" (on CPU; on GPU/TPU where no fused kernel takes a cache) or "chunked", a cache of
+        more slots than one tile runs the blockwise attention, which visits only the tiles below the filled
+        extent and, in a prefill, only the causal ones: a step costs what the tokens in the cache cost, not what
+        its size does. 512 (the default) keeps a cache of up to 512 slots dense under "auto".
     """
 
     batch_size: int
@@ -95,6 +102,8 @@ class SamplerConfig:
     max_stop_tokens: int = 8
     rollout_weights: str = "tp"
     prefill_rows: tuple[int, ...] = ()
+    attention: str = ""
+    attention_block: int = 512
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
@@ -116,6 +125,12 @@ class SamplerConfig:
                 not 1 <= r < self.batch_size for r in self.prefill_rows):
             raise ValueError(f"sampler prefill_rows must be ascending, distinct and in [1, batch_size="
                              f"{self.batch_size}), got {self.prefill_rows}")
+        if self.attention and self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"sampler attention={self.attention!r} is not an attention implementation; choose '' "
+                             f"(the model's) or one of {list(ATTENTION_IMPLEMENTATIONS)}")
+        if isinstance(self.attention_block, bool) or not isinstance(self.attention_block, (int, np.integer)) \
+                or self.attention_block < 1:
+            raise ValueError(f"sampler attention_block must be a positive integer, got {self.attention_block!r}")
         if self.rollout_weights not in ROLLOUT_WEIGHTS:
             raise ValueError(f"sampler rollout_weights={self.rollout_weights!r} is not supported; choose one of "
                              f"{list(ROLLOUT_WEIGHTS)}")
@@ -209,6 +224,7 @@ class Sampler:
         self._rows: list[list[int]] = [[] for _ in range(config.batch_size)]  # token ids each row's cache holds
         self._used = [0] * config.batch_size  # when each row was last admitted (least recently used is evicted)
         self._clock = 0
+        self._attention = {"attention": config.attention or None, "attention_block": config.attention_block}
 
     # -------------------------------------------------------------------------------------------- weights
 
@@ -495,7 +511,7 @@ class Sampler:
         offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
         segment_ids = (offsets < n_new[:, None]).astype(jnp.int32)
         slots = keep[:, None] + offsets
-        hidden, cache = model.extend(tokens, slots * segment_ids, segment_ids, slots, cache)
+        hidden, cache = model.extend(tokens, slots * segment_ids, segment_ids, slots, cache, **self._attention)
         last = jnp.take_along_axis(hidden, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
         token, logp = self._sample(model.logits_from_hidden(last), key_data, impl, prompt_ids,
                                    jnp.zeros((b,), jnp.int32))
@@ -526,7 +542,8 @@ class Sampler:
             state, cache, steps = carry
             feed = live & ~state.done
             at = cache.lengths[:, None]  # packed rows: a row's next slot is its length, and so is its position
-            hidden, cache = model.extend(state.last[:, None], at, feed[:, None].astype(jnp.int32), at, cache)
+            hidden, cache = model.extend(state.last[:, None], at, feed[:, None].astype(jnp.int32), at, cache,
+                                         **self._attention)
             token, logp = self._sample(model.logits_from_hidden(hidden[:, 0]), key_data, impl, state.prompt,
                                        state.count)
             token = jnp.where(feed, token, cfg.pad_id)
