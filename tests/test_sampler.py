@@ -170,8 +170,14 @@ def test_prefill_row_blocks_sample_what_full_prefills_sample(model, tiles, tempe
     assert blocks.compiled_buckets > whole.compiled_buckets  # blocks of 1 or 2 rows were used
 
 
-def test_warm_up_compiles_every_program_before_generation(model):
+@pytest.mark.parametrize("one_device_mesh", [False, True])
+def test_warm_up_compiles_every_program_before_generation(model, one_device_mesh):
+    """one_device_mesh: the parameters live on a 1 x 1 mesh (as an experiment places each agent); the fresh cache
+    must take the sharding type the programs return, or a prefill after `release()` compiles again."""
     graphdef, state = model
+    if one_device_mesh:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tp"))
+        state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
     cfg = SamplerConfig(batch_size=4, max_new_tokens=3, prompt_buckets=(4, 8, 24), temperature=0.8, prefill_rows=(2,))
     sampler = Sampler(graphdef, CFG, cfg)
     assert sampler.warm_up(state) == sampler.compiled_programs > 0
@@ -179,6 +185,7 @@ def test_warm_up_compiles_every_program_before_generation(model):
     compiled = sampler.compiled_programs
     history = [list(p) for p in PROMPTS + PROMPTS[:2]]
     for turn in range(2):  # every block size and bucket may be taken; nothing compiles any more
+        sampler.release()  # a fresh cache for each call, as the controller's rollout batches get
         samples = sampler.generate(state, history, jax.random.key(turn))
         history = [h + s.tokens.tolist() + _observation(turn, r) for r, (h, s) in enumerate(zip(history, samples))]
     assert sampler.compiled_programs == compiled

@@ -245,7 +245,7 @@ class Sampler:
     def _programs_for(self, params) -> _Programs:
         if self._programs is None:
             mesh = self.mesh if self.mesh is not None else _mesh_of(params)
-            self._programs = _Programs(self, mesh)
+            self._programs = _Programs(self, mesh, _one_device_sharding(params) if mesh is None else None)
         return self._programs
 
     def rollout_params(self, params):
@@ -619,10 +619,24 @@ def _mesh_of(params) -> jax.sharding.Mesh | None:
     return None
 
 
+def _one_device_sharding(params) -> jax.sharding.Sharding | None:
+    """Off a mesh: the sharding the programs' outputs take from the parameters (a one-device NamedSharding when the
+    parameters have one), for the fresh cache to match. A cache made with another sharding type than the one a
+    prefill returns would make each program compile twice, once per type."""
+    for x in jax.tree.leaves(params):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding):
+            return NamedSharding(s.mesh, PartitionSpec())
+        if s is not None:
+            return s
+    return None
+
+
 class _Programs:
     """A sampler's jitted programs on one mesh (or plain jit on one device), with their shardings."""
 
-    def __init__(self, sampler: Sampler, mesh: jax.sharding.Mesh | None):
+    def __init__(self, sampler: Sampler, mesh: jax.sharding.Mesh | None,
+                 one_device: jax.sharding.Sharding | None = None):
         self.mesh = mesh
         cfg, mcfg = sampler.config, sampler.model_config
         self.rules = sharding_lib.DEFAULT_RULES
@@ -639,7 +653,7 @@ class _Programs:
         if mesh is None:
             self.cache_shardings = self.state_shardings = None
             self.rollout = jax.jit(cast)
-            self.init = jax.jit(sampler._init_impl)
+            self.init = jax.jit(sampler._init_impl, out_shardings=one_device)
             self.prefill = jax.jit(sampler._prefill_impl, donate_argnums=(1, 2), **statics)
             self.decode = jax.jit(sampler._decode_impl, donate_argnums=(1, 2), **statics)
             return
