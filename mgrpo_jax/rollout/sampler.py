@@ -12,7 +12,8 @@ the token ids whose keys and values it holds. A prompt is admitted to a free row
 Prefill runs the new tokens of every admitted row as one [batch_size, bucket] block through the model's cached
 forward (`Transformer.extend`, the memory-efficient attention with per-row slots), where bucket is the smallest of
 the static `prompt_buckets` that holds the longest new part. Decoding is a `lax.while_loop` over all rows; each
-step writes one token per running row at that row's length and attends only the filled extent of the cache.
+step writes one token per running row at that row's length and attends only the filled extent of the cache
+(with blockwise attention: `SamplerConfig.attention` / `attention_block` choose how prefill and decode attend).
 When more prompts wait than rows are free, the loop returns to the host as soon as enough rows have finished (as
 many as prompts wait, at most half the rows), the freed rows take the next prompts, and decoding resumes: no row
 waits idle for the longest one. Shapes never change: one prefill program per bucket, one decode program, so the
