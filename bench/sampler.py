@@ -17,7 +17,6 @@ Prints figures only; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 import time
@@ -142,43 +141,44 @@ def bench_multiturn(args) -> None:
     from mgrpo_jax.data.synthetic import read_questions_jsonl
     from mgrpo_jax.experiment import build_experiment
 
-    runs = {}
+    runs = {}  # variant -> its experiment, and per round: seconds, episodes, sampled tokens
     for name in args.variants:
         config = co_train.get_config(args.warm_start)
         for role in ("main", "sub"):
             for key, value in MULTITURN_VARIANTS[name].items():
                 config.agents[role].sampler[key] = value
         exp = build_experiment(config, tempfile.mkdtemp(prefix=f"bench_multiturn_{name}_"))
-        q, k = config.mgrpo.num_queries, config.mgrpo.num_rollouts
         questions = [x.question for x in read_questions_jsonl(exp.data.train_files[0])]
+        q, k = config.mgrpo.num_queries, config.mgrpo.num_rollouts  # the same in every variant
         exp.controller.run(questions[:q], k, jax.random.key(0))
         for agent in exp.agents.values():  # every program is compiled: the timed batches compile nothing
             agent.policy.sampler.warm_up(agent.policy.params)
             agent.policy.sampler.release()
             agent.policy.sampler.stats.clear()
-        runs[name] = (exp, questions, q, k, [], collections.Counter())
+        runs[name] = {"exp": exp, "questions": questions, "rounds": []}
     for _ in range(args.rounds):
-        for name, (exp, questions, q, k, times, counts) in runs.items():
+        for run in runs.values():
             episodes = tokens = 0
             start = time.perf_counter()
             for i in range(args.batches):
-                batch = exp.controller.run(questions[(i + 1) * q:(i + 2) * q], k, jax.random.key(i + 1))
+                batch = run["exp"].controller.run(run["questions"][(i + 1) * q:(i + 2) * q], k, jax.random.key(i + 1))
                 trajectories = batch.main + batch.sub
                 episodes += len(trajectories)
                 tokens += sum(int(sum(t.loss_mask)) for t in trajectories)  # the tokens the agents sampled
-            times.append(time.perf_counter() - start)
-            counts["episodes"], counts["tokens"] = episodes, tokens
+            run["rounds"].append((time.perf_counter() - start, episodes, tokens))
     print(f"\nmulti-turn episodes of the warm-started tiny agents ({args.warm_start}): {args.batches} batches of "
           f"{q} x {k} main episodes and their sub-agent episodes per round, {args.rounds} interleaved rounds")
-    for name, (exp, _, _, _, times, counts) in runs.items():
+    for name, run in runs.items():
+        times = [seconds for seconds, _, _ in run["rounds"]]
         best, median = min(times), statistics.median(times)
-        print(f"  {name:10s} {MULTITURN_VARIANTS[name] or 'the repro config'}: {counts['episodes']} episodes; best "
-              f"{counts['episodes'] / best:.1f} episodes/s ({counts['tokens'] / best:.0f} generated tokens/s), median "
-              f"{counts['episodes'] / median:.1f} episodes/s; rounds " + " ".join(f"{t:.2f}" for t in times) + " s")
-        for role, agent in exp.agents.items():
+        _, episodes, tokens = run["rounds"][-1]  # the same batches every round
+        print(f"  {name:10s} {MULTITURN_VARIANTS[name] or 'the repro config'}: {episodes} episodes; best "
+              f"{episodes / best:.1f} episodes/s ({tokens / best:.0f} generated tokens/s), median "
+              f"{episodes / median:.1f} episodes/s; rounds " + " ".join(f"{t:.2f}" for t in times) + " s")
+        for role, agent in run["exp"].agents.items():
             st, cfg = agent.policy.sampler.stats, agent.policy.sampler.config
             prompt = max(st.get("prompt_tokens", 0), 1)
-            print(f"    {role}: prefill rows {cfg.prefill_rows or 'all'}, attention "
+            print(f"    {role} (all rounds): prefill rows {cfg.prefill_rows or 'all'}, attention "
                   f"{cfg.attention or agent.policy.sampler.model_config.attention!r} (tile {cfg.attention_block}); "
                   f"prompt tokens {st.get('prompt_tokens', 0)}, reused from the slot cache "
                   f"{st.get('reused_tokens', 0)} ({st.get('reused_tokens', 0) / prompt:.0%}), prefilled "

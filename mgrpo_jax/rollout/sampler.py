@@ -245,8 +245,8 @@ class Sampler:
 
     def _programs_for(self, params) -> _Programs:
         if self._programs is None:
-            mesh = self.mesh if self.mesh is not None else _mesh_of(params)
-            self._programs = _Programs(self, mesh, _one_device_sharding(params) if mesh is None else None)
+            mesh, one_device = (self.mesh, None) if self.mesh is not None else _placement(params)
+            self._programs = _Programs(self, mesh, one_device)
         return self._programs
 
     def rollout_params(self, params):
@@ -491,9 +491,8 @@ class Sampler:
         if tokens.shape[0] == self.config.batch_size:
             return self._prefill_rows(params, cache, state, tokens, n_new, keep, prompt_ids, key_data, impl, table)
         take = lambda x: jnp.take(x, row_ids, axis=0, mode="clip")  # noqa: E731
-        block = KVCache(k=jnp.take(cache.k, row_ids, axis=1, mode="clip"),
-                        v=jnp.take(cache.v, row_ids, axis=1, mode="clip"), segment_ids=take(cache.segment_ids),
-                        lengths=take(cache.lengths), end_index=cache.end_index)
+        block = KVCache.packed(jnp.take(cache.k, row_ids, axis=1, mode="clip"),
+                               jnp.take(cache.v, row_ids, axis=1, mode="clip"), take(cache.segment_ids))
         block, block_state = self._prefill_rows(params, block, jax.tree.map(take, state), tokens, n_new, keep,
                                                 prompt_ids, key_data, impl, table)
         put = lambda full, part: full.at[row_ids].set(part, mode="drop")  # noqa: E731
@@ -569,9 +568,8 @@ class Sampler:
     def lowered(self, params, program: str, bucket: int | None = None, rows: int | None = None
                 ) -> jax.stages.Lowered:
         """`jit(...).lower(...)` of "prefill" (at `bucket`, over `rows` rows: default all) or "decode" on abstract
-        shapes, for compile-only
-        memory figures: `params` may be abstract (ShapeDtypeStructs with the training shardings); the rollout
-        copy, the cache and every input are abstract too."""
+        shapes, for compile-only memory figures: `params` may be abstract (ShapeDtypeStructs with the training
+        shardings); the rollout copy, the cache and every input are abstract too."""
         programs = self._programs_for(params)
         rollout = self.rollout_params(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), params))
@@ -611,26 +609,17 @@ def _key_parts(rng) -> tuple[np.ndarray, str]:
     return np.asarray(jax.random.key_data(rng)), str(jax.random.key_impl(rng))
 
 
-def _mesh_of(params) -> jax.sharding.Mesh | None:
-    """The mesh of the parameters' NamedShardings, when they span more than one device; else None."""
-    for x in jax.tree.leaves(params):
-        s = getattr(x, "sharding", None)
+def _placement(params) -> tuple[jax.sharding.Mesh | None, jax.sharding.Sharding | None]:
+    """Where the parameters live: (the mesh of their NamedShardings when it spans more than one device, else None;
+    off such a mesh, the sharding the programs' outputs take from them, a one-device NamedSharding when they have
+    one). A fresh cache takes the latter: made with another sharding type than the one a prefill returns, it
+    would make each program compile twice, once per type."""
+    shardings = [s for s in (getattr(x, "sharding", None) for x in jax.tree.leaves(params)) if s is not None]
+    for s in shardings:
         if isinstance(s, NamedSharding) and s.mesh.size > 1:
-            return s.mesh
-    return None
-
-
-def _one_device_sharding(params) -> jax.sharding.Sharding | None:
-    """Off a mesh: the sharding the programs' outputs take from the parameters (a one-device NamedSharding when the
-    parameters have one), for the fresh cache to match. A cache made with another sharding type than the one a
-    prefill returns would make each program compile twice, once per type."""
-    for x in jax.tree.leaves(params):
-        s = getattr(x, "sharding", None)
-        if isinstance(s, NamedSharding):
-            return NamedSharding(s.mesh, PartitionSpec())
-        if s is not None:
-            return s
-    return None
+            return s.mesh, None
+    first = shardings[0] if shardings else None
+    return None, NamedSharding(first.mesh, PartitionSpec()) if isinstance(first, NamedSharding) else first
 
 
 class _Programs:
