@@ -79,6 +79,9 @@ def get_config() -> ConfigDict:
         "alignment": {"d_max": 2, "pad_mode": "duplicate", "fill_empty_from_siblings": True,
                       "reweight_duplicates": False},
         "rewards": {"alpha_f": 0.1, "alpha_c": 0.9, "beta_f": 0.1, "beta_m": 0.9, "beta_j": 0.0, "correct": "em"},
+        # DAPO's dynamic sampling: queries whose K main rewards are all equal are replaced by fresh ones, up to
+        # max_rounds rollout batches per step (mgrpo_jax/train/mgrpo.py, DynamicSamplingConfig)
+        "dynamic_sampling": {"enabled": False, "max_rounds": 4},
     })
     c.checkpoint = ConfigDict({"save_interval_steps": 10, "max_to_keep": 2})
     # Decoupled mode only (launch/train.py --role main|sub; mgrpo_jax/train/decoupled.py documents each key).

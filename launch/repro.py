@@ -4,6 +4,7 @@
     python launch/repro.py --group ablations --jobs 2  # no alignment, shared model, the bottleneck setting
                                                        #   -> docs/results/ablations/ (reuses the core runs)
     python launch/repro.py --group lora --jobs 2       # co_train with LoRA adapters -> docs/results/lora/
+    python launch/repro.py --group dynamic --jobs 2    # dynamic sampling, both settings -> docs/results/dynamic/
     python launch/repro.py --settings co_train,main_only --seeds 0 --train_set total_steps=20 --out /tmp/pilot
 
 Settings are configs/repro/<setting>.py (configs/repro/common.py explains the design). One pool of `--jobs`

@@ -36,7 +36,8 @@ DIAGNOSTIC_KEYS = ("main/zero_variance_frac", "sub/zero_variance_frac", "main/fo
                    "rollout/delegations_per_rollout", "sub/reward_mean", "sub/format_error_rate",
                    "align/duplicated", "align/borrowed", "align/masked", "align/dropped", "main/sampled_entropy",
                    "sub/sampled_entropy", "main/clip_frac_low", "main/clip_frac_high", "sub/clip_frac_low",
-                   "sub/clip_frac_high", "main/grad_norm", "sub/grad_norm", "main/skipped_empty", "sub/skipped_empty")
+                   "sub/clip_frac_high", "main/grad_norm", "sub/grad_norm", "main/skipped_empty", "sub/skipped_empty",
+                   "main/zero_variance_frac_trained", "dynamic/rounds", "dynamic/filled_groups")
 
 
 @dataclasses.dataclass
@@ -399,7 +400,9 @@ def write_results(out_dir: str, runs: Sequence[RunSummary], *, settings: Sequenc
         lines += ["![accuracy curves](accuracy_curves.png)", ""]
     lines += ["![reward curves](reward_curves.png)", "",
              "## Diagnostics (means over steps, then seeds)", "", diagnostics_table(rows), "",
-             "*zero_variance_frac*: the fraction of groups whose rewards are all equal (no learning signal). "
+             "*zero_variance_frac*: the fraction of groups whose rewards are all equal (no learning signal); with "
+             "dynamic sampling over every sampled group, *_trained* over the groups the update kept, *dynamic/rounds* "
+             "rollout batches per step, *dynamic/filled_groups* all-equal groups trained because the rounds ran out. "
              "*align/**: sub-agent slots per step that alignment kept as duplicates, borrowed from sibling "
              "rollouts, left masked, or dropped.", ""]
     table = failures_table(rows, start_failures)

@@ -26,7 +26,7 @@ from mgrpo_jax.rollout.rewards import RewardConfig
 from mgrpo_jax.rollout.sampler import Sampler, SamplerConfig
 from mgrpo_jax.train.agent import AgentTrainer, LossConfig, OptimizerConfig
 from mgrpo_jax.train.alignment import AlignmentConfig
-from mgrpo_jax.train.mgrpo import MGRPOConfig, MGRPOTrainer
+from mgrpo_jax.train.mgrpo import DynamicSamplingConfig, MGRPOConfig, MGRPOTrainer
 
 TASK_KINDS = ("synthetic", "files")
 MODEL_KEYS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -217,10 +217,12 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
 
     alignment = make(AlignmentConfig, mgrpo_cfg.alignment, "mgrpo.alignment")
     rewards = make(RewardConfig, mgrpo_cfg.rewards, "mgrpo.rewards")
-    loop_values = {k: v for k, v in to_dict(mgrpo_cfg).items() if k not in ("alignment", "rewards", "num_queries")}
+    dynamic = make(DynamicSamplingConfig, mgrpo_cfg.get("dynamic_sampling", {}), "mgrpo.dynamic_sampling")
+    nested = ("alignment", "rewards", "dynamic_sampling", "num_queries")
+    loop_values = {k: v for k, v in to_dict(mgrpo_cfg).items() if k not in nested}
     loop_mode = "main_only" if job == "main" else mode  # the decoupled main job trains the main agent alone
     loop_cfg = make(MGRPOConfig, loop_values, "mgrpo", mode=loop_mode, alignment=alignment, rewards=rewards,
-                    seed=config.seed)
+                    dynamic_sampling=dynamic, seed=config.seed)
     num_queries = int(mgrpo_cfg.num_queries)
     if num_queries < 1:
         raise ValueError(f"config mgrpo.num_queries must be >= 1, got {num_queries}")

@@ -201,7 +201,10 @@ def test_repro_command_end_to_end_on_a_tiny_budget(tmp_path):
            "--seeds=0", "--warm_start_set=warm_start.epochs=1", "--warm_start_set=warm_start.explore_questions=4",
            "--warm_start_set=warm_start.explore_k=2",
            "--warm_start_set=warm_start.questions_per_epoch=24", "--train_set=total_steps=2",
-           "--train_set=eval_every=1", "--train_set=eval_train_questions=3"]
+           "--train_set=eval_every=1", "--train_set=eval_train_questions=3",
+           # Dense attention over the cache: the RL configs' tiles compile twice as long, and these caches are small
+           # (tiles are tested in tests/test_sampler.py).
+           "--train_set=agents.main.sampler.attention=dense", "--train_set=agents.sub.sampler.attention=dense"]
     for pair in common:
         cmd += [f"--warm_start_set={pair}", f"--train_set={pair}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -88,7 +88,17 @@ def test_repro_settings_share_one_budget_and_start_from_their_warm_start():
     assert {s: c.mode for s, c in configs.items()} == {
         "co_train": "co_train", "co_train_no_alignment": "co_train", "main_only": "main_only",
         "single_agent": "single_agent", "shared_model": "shared_model", "bottleneck_co_train": "co_train",
-        "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent"}
+        "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent",
+        "co_train_dynamic": "co_train", "bottleneck_co_train_dynamic": "co_train",
+        "bottleneck_main_only_dynamic": "main_only"}
+    # The *_dynamic settings differ from theirs in dynamic sampling alone.
+    for setting, base in (("co_train_dynamic", "co_train"), ("bottleneck_co_train_dynamic", "bottleneck_co_train"),
+                          ("bottleneck_main_only_dynamic", "bottleneck_main_only")):
+        dynamic = configs[setting]
+        assert dynamic.mgrpo.dynamic_sampling.enabled and not configs[base].mgrpo.dynamic_sampling.enabled
+        assert dynamic.mgrpo.dynamic_sampling.max_rounds == common.DYNAMIC_MAX_ROUNDS
+        dynamic.mgrpo.dynamic_sampling = configs[base].mgrpo.dynamic_sampling
+        assert to_dict(dynamic) == to_dict(configs[base])
     assert configs["co_train"].mgrpo.alignment.pad_mode == "duplicate"
     assert configs["co_train_no_alignment"].mgrpo.alignment.pad_mode == "mask"
     assert not configs["co_train_no_alignment"].mgrpo.alignment.fill_empty_from_siblings

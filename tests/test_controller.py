@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from mgrpo_jax.rollout.controller import Controller, ControllerConfig, TextCodec, ToolFailureError, ToolSet
+from mgrpo_jax.rollout.controller import (Controller, ControllerConfig, RolloutBatch, TextCodec, ToolFailureError,
+                                          ToolSet, Trajectory)
 from mgrpo_jax.rollout.protocol import ProtocolConfig
 from rollout_fixtures import ScriptedPolicy, tokenizer, tools, world_and_questions
 
@@ -324,3 +325,40 @@ def test_max_tool_failure_rate_is_validated():
         with pytest.raises(ValueError, match=r"config controller: controller.max_tool_failure_rate must be a number"):
             make(ControllerConfig, {"max_tool_failure_rate": bad}, "controller")
     assert ControllerConfig().max_tool_failure_rate == 0.5
+
+
+def _batch(q_n, k_n, counts, stats, tag):
+    """A hand-built batch: main trajectories hold [tag, q, k], sub ones [tag, q, k, call]."""
+    def traj(agent, q, k, call, tokens):
+        return Trajectory(agent, q, k, call, 1, tokens, [0] * len(tokens), [0.0] * len(tokens), [], None, "answer",
+                          None, 0)
+    main = [traj("main", q, k, -1, [tag, q, k]) for q in range(q_n) for k in range(k_n)]
+    sub = [traj("sub", q, k, i, [tag, q, k, i]) for q in range(q_n) for k in range(k_n) for i in range(counts[q][k])]
+    return RolloutBatch(main, sub, np.asarray(counts), stats)
+
+
+def test_rollout_batches_concatenate_and_select_queries_renumbered():
+    a = _batch(2, 2, [[1, 0], [2, 1]], {"tool/search/calls": 4, "tool/search/failures": 1,
+                                         "tool/search/failure_rate": 0.25, "rollout_s": 1.0, "main_turns": 3}, 7)
+    b = _batch(1, 2, [[0, 3]], {"tool/search/calls": 0, "tool/search/failures": 0, "tool/search/failure_rate": 0.0,
+                                 "rollout_s": 2.0, "main_turns": 5}, 8)
+    both = RolloutBatch.concat([a, b])
+    assert both.num_queries == 3 and both.sub_counts.tolist() == [[1, 0], [2, 1], [0, 3]]
+    assert [(t.query, t.tokens[0]) for t in both.main] == [(0, 7), (0, 7), (1, 7), (1, 7), (2, 8), (2, 8)]
+    assert [(t.query, t.rollout, t.call) for t in both.sub][-3:] == [(2, 1, 0), (2, 1, 1), (2, 1, 2)]
+    assert both.stats["tool/search/calls"] == 4 and both.stats["tool/search/failure_rate"] == 0.25
+    assert both.stats["rollout_s"] == 3.0 and both.stats["main_turns"] == 5
+    assert both.stats["delegations_per_rollout"] == pytest.approx(7 / 6)
+    assert a.main[2].query == 1  # the inputs are not renumbered in place
+
+    picked = both.select([2, 0])
+    assert picked.sub_counts.tolist() == [[0, 3], [1, 0]]
+    assert [(t.query, t.tokens) for t in picked.main] == [(0, [8, 0, 0]), (0, [8, 0, 1]), (1, [7, 0, 0]),
+                                                           (1, [7, 0, 1])]
+    # Flat (query, rollout, call) order, the order alignment indexes.
+    assert [(t.query, t.tokens) for t in picked.sub] == [(0, [8, 0, 1, 0]), (0, [8, 0, 1, 1]), (0, [8, 0, 1, 2]),
+                                                          (1, [7, 0, 0, 0])]
+    with pytest.raises(ValueError, match="distinct query indices"):
+        both.select([0, 0])
+    with pytest.raises(ValueError, match="distinct query indices"):
+        both.select([3])

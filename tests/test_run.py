@@ -54,15 +54,21 @@ def _comparable(rows):
     return [{k: v for k, v in r.items() if not any(k.startswith(d) or k.endswith(d) for d in drop)} for r in rows]
 
 
+# Dynamic sampling draws extra questions inside a step (the random agents' groups are mostly all-equal): the data
+# position a checkpoint saves must include them.
+DYNAMIC = {"mgrpo.dynamic_sampling.enabled": True, "mgrpo.dynamic_sampling.max_rounds": 2}
+
+
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     straight = str(tmp_path / "straight")
-    train(_config(), straight)
+    train(_config(**DYNAMIC), straight)
     reference = _comparable(read_metrics_jsonl(straight))
     assert [r["step"] for r in reference] == list(range(1, STEPS + 1))
+    assert sum(r["dynamic/rounds"] for r in reference) > STEPS  # some steps drew more questions
 
     stopped = str(tmp_path / "stopped")
     cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config", os.path.join(ROOT, "configs",
-           "tiny_cpu.py"), "--workdir", stopped, *_flags(total_steps=1000)]
+           "tiny_cpu.py"), "--workdir", stopped, *_flags(total_steps=1000, **DYNAMIC)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics_file = os.path.join(stopped, "metrics.jsonl")
@@ -83,7 +89,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     saved = sorted(int(d) for d in os.listdir(os.path.join(stopped, "checkpoints")) if d.isdigit())
     assert saved and 1 <= saved[-1] < STEPS, saved
 
-    train(_config(), stopped)  # same command, same workdir: resumes
+    train(_config(**DYNAMIC), stopped)  # same command, same workdir: resumes
     resumed = _comparable(read_metrics_jsonl(stopped))
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(reference, resumed):
@@ -101,6 +107,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     ("agents.main.loss.temperature", 0.5, r"differs from agents.main.sampler.temperature"),
     ("task.kind", "web", r"task.kind='web' is not supported"),
     ("mgrpo.alignment.pad_mode", "copy", r"mgrpo.alignment: .*pad_mode='copy'"),
+    ("mgrpo.dynamic_sampling.max_rounds", 0, r"mgrpo.dynamic_sampling: .*max_rounds must be >= 1"),
     ("controller.max_main_context", 4096, r"largest prompt bucket"),
     ("controller.max_tool_failure_rate", 2.0, r"controller.max_tool_failure_rate must be a number in \[0, 1\]"),
     # Greedy rollouts of a training agent: identical samples, zero advantages, grad norm 0.0 every step.

@@ -272,7 +272,7 @@ def test_kl_runs_the_reference_model_only_when_needed():
 from mgrpo_jax.rollout.controller import Controller, ControllerConfig, SamplerPolicy, TextCodec, ToolSet  # noqa: E402
 from mgrpo_jax.rollout.protocol import ProtocolConfig  # noqa: E402
 from mgrpo_jax.train.alignment import AlignmentConfig  # noqa: E402
-from mgrpo_jax.train.mgrpo import MGRPOConfig, MGRPOTrainer  # noqa: E402
+from mgrpo_jax.train.mgrpo import DynamicSamplingConfig, MGRPOConfig, MGRPOTrainer  # noqa: E402
 from rollout_fixtures import ScriptedPolicy, tokenizer, tools, world_and_questions  # noqa: E402
 
 Q, K, D, LEN = 2, 4, 2, 320
@@ -322,12 +322,13 @@ def _sub_model_policy(tok):
     return SamplerPolicy(sampler, params), cfg
 
 
-def _loop(mode, sub_policy=None, steps_seed=0, tool_set=None):
+def _loop(mode, sub_policy=None, steps_seed=0, tool_set=None, main_script=None, dynamic_sampling=None):
     tok = tokenizer()
     cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8)
     protocol = ProtocolConfig()
-    main_policy = ScriptedPolicy(tok, _varying_main_script(steps_seed), max_new_tokens=8, max_prompt_tokens=LEN)
+    main_policy = ScriptedPolicy(tok, main_script or _varying_main_script(steps_seed), max_new_tokens=8,
+                                 max_prompt_tokens=LEN)
     sub_policy = sub_policy or ScriptedPolicy(tok, _sub_script, max_new_tokens=8, max_prompt_tokens=LEN)
     # The outage test fails some searches on purpose: the run goes on (and excludes them) instead of stopping.
     controller = Controller(
@@ -345,7 +346,8 @@ def _loop(mode, sub_policy=None, steps_seed=0, tool_set=None):
                                  pad_id=tok.pad_token_id)
     elif mode == "shared_model":
         trainers["sub"] = main
-    config = MGRPOConfig(mode=mode, num_rollouts=K, alignment=AlignmentConfig(d_max=D))
+    config = MGRPOConfig(mode=mode, num_rollouts=K, alignment=AlignmentConfig(d_max=D),
+                         dynamic_sampling=dynamic_sampling or DynamicSamplingConfig())
     return MGRPOTrainer(config, controller, trainers), trainers
 
 
@@ -373,6 +375,85 @@ def test_co_train_compiles_each_update_once_over_20_steps_with_varying_d_k():
     for key in ("align/dropped", "align/duplicated", "sub/zero_variance_frac", "main/accuracy", "time/rollout_s",
                 "main/grad_norm", "sub/clip_frac_high", "main/logprob_gap"):
         assert key in result.metrics, key
+
+
+def _outcome_by_question_script():
+    """Answers at once: always right on questions 0, 3, 6, ..., always wrong on 1, 4, ..., and on the rest right
+    on every other rollout (2 of K = 4): which groups have reward variance is known in advance."""
+    questions = world_and_questions()[1]
+    seen = {}
+
+    def script(prompt):
+        i = next(i for i, q in enumerate(questions) if q.question in prompt)
+        seen[i] = seen.get(i, 0) + 1
+        right = {0: True, 1: False, 2: seen[i] % 2 == 0}[i % 3]
+        return f"<answer>{questions[i].answer if right else 'unknown'}</answer>"
+
+    return script
+
+
+def _question_stream(indices):
+    """The data iterator of a run, over these questions, Q at a time; `.handed` counts the batches handed out."""
+    questions, it = world_and_questions()[1], iter(indices)
+
+    def next_batch():
+        next_batch.handed += 1
+        picked = [questions[next(it)] for _ in range(Q)]
+        return [q.question for q in picked], [q.answer for q in picked]
+
+    next_batch.handed = 0
+    return next_batch
+
+
+def test_dynamic_sampling_trains_only_on_groups_whose_main_rewards_differ():
+    questions = world_and_questions()[1]
+    loop, trainers = _loop("main_only", main_script=_outcome_by_question_script(),
+                           dynamic_sampling=DynamicSamplingConfig(enabled=True, max_rounds=4))
+    stream = _question_stream(range(16))
+    result = loop.step(*stream(), more_questions=stream)
+    # Rounds: questions (0, 1) all right / all wrong, (2, 3): 2 varies, (4, 5): 5 varies -> Q = 2 kept, stop.
+    assert stream.handed == 3
+    m = result.metrics
+    assert (m["dynamic/rounds"], m["dynamic/sampled_groups"], m["dynamic/informative_groups"]) == (3, 6, 2)
+    assert m["dynamic/filled_groups"] == 0 and m["dynamic/left_over_groups"] == 0
+    assert m["main/zero_variance_frac"] == pytest.approx(4 / 6) and m["main/zero_variance_frac_trained"] == 0
+    assert result.golds == [questions[2].answer, questions[5].answer]
+    np.testing.assert_array_equal(result.main_rewards.std(axis=1) > 0, [True, True])
+    # The trained batch holds those queries' rollouts, renumbered 0..Q-1, token-exact, and only them.
+    assert result.rollouts.sub_counts.shape == (Q, K) and len(result.rollouts.main) == Q * K
+    for i, t in enumerate(result.rollouts.main):
+        assert t.query == i // K and t.rollout == i % K
+        assert [questions[2], questions[5]][t.query].question in loop.controller.codec.tokenizer.decode(t.tokens)
+    batch = result.batches["main"]
+    packed = {tuple(row[ids == seg]) for row, ids in zip(batch.arrays["tokens"], batch.arrays["segment_ids"])
+              for seg in np.unique(ids[ids > 0])}
+    assert packed == {tuple(t.tokens) for t in result.rollouts.main}
+    assert m["main/accuracy"] == pytest.approx((1 + 0 + 0.5 + 1 + 0 + 0.5) / 6)  # over every sampled group
+    assert trainers["main"].version == 1 and m["main/compile_count"] <= 1
+
+
+def test_dynamic_sampling_fills_with_all_equal_groups_when_the_rounds_run_out():
+    questions = world_and_questions()[1]
+    loop, _ = _loop("main_only", main_script=_outcome_by_question_script(),
+                    dynamic_sampling=DynamicSamplingConfig(enabled=True, max_rounds=2))
+    stream = _question_stream([0, 1, 3, 4, 6, 7])  # every group all right or all wrong
+    result = loop.step(*stream(), more_questions=stream)
+    m = result.metrics
+    assert stream.handed == 2 and m["dynamic/rounds"] == 2 and m["dynamic/informative_groups"] == 0
+    assert m["dynamic/filled_groups"] == Q and result.golds == [questions[0].answer, questions[1].answer]
+    assert m["main/zero_variance_frac"] == 1.0 == m["main/zero_variance_frac_trained"]
+    # Without more questions the step filters the one round it has; disabled, it never asks for more.
+    for dynamic, rounds in ((DynamicSamplingConfig(enabled=True), 1), (DynamicSamplingConfig(), None)):
+        loop.config = dataclasses.replace(loop.config, dynamic_sampling=dynamic)  # one trainer: one compile
+        stream = _question_stream([0, 2, 3, 5])
+        result = loop.step(*stream(), more_questions=None if rounds else stream)
+        assert stream.handed == 1 and result.metrics.get("dynamic/rounds") == rounds
+        assert result.golds == [questions[0].answer, questions[2].answer]
+        assert result.metrics["main/zero_variance_frac"] == 0.5
+    with pytest.raises(ValueError, match="max_rounds must be >= 1"):
+        DynamicSamplingConfig(enabled=True, max_rounds=0)
+    with pytest.raises(ValueError, match="enabled must be true or false"):
+        DynamicSamplingConfig(enabled="yes")
 
 
 def test_rollouts_hit_by_an_outage_train_neither_agent():

@@ -19,17 +19,18 @@ step.
 
     warm start     its settings                                       one model per ...
     multi          co_train, co_train_no_alignment, main_only,        role (main, sub)
-                   co_train_lora
+                   co_train_lora, co_train_dynamic
     single         single_agent                                       one agent with the tools, as many
                                                                       parameters as main + sub together,
                                                                       SFT to a comparable fit (SINGLE_EPOCHS)
     shared         shared_model                                       both roles in one model
-    weak_sub       bottleneck_co_train, bottleneck_main_only          role; the sub-agent's teacher, not the
-                                                                      main agent's, takes the shortcuts
+    weak_sub       bottleneck_co_train, bottleneck_main_only,         role; the sub-agent's teacher, not the
+                   bottleneck_co_train_dynamic,                       main agent's, takes the shortcuts
+                   bottleneck_main_only_dynamic
     single_weak_sub  bottleneck_single_agent                          as single, with weak_sub's shortcuts
 
 `launch/repro.py` runs the warm starts, every setting for every seed, and writes docs/results/ (core) and
-docs/results/ablations/. The configs take the repro root as their argument (`--config
+docs/results/<group>/ (ablations, lora, dynamic). The configs take the repro root as their argument (`--config
 configs/repro/co_train.py:runs/repro`); an RL config finds its warm start at <root>/warm_<kind>/warm_start/. The
 launch scripts put the repository root on sys.path, which is how these files import this one.
 """
@@ -85,13 +86,20 @@ PREFILL_ROWS = {"main": (8, 16), "sub": (4, 8)}
 # Prefill and decode attend the cache in tiles of this many slots up to its filled extent (SamplerConfig.attention
 # "auto", attention_block), not densely over all of its 192 / 384 slots; see bench/sampler.py --warm-start.
 SAMPLER_ATTENTION_BLOCK = 128
+# The *_dynamic settings: DAPO's dynamic sampling (mgrpo.dynamic_sampling): queries whose 8 main rewards are all
+# equal leave the update and fresh RL questions are rolled out in their place, up to this many rollout batches of
+# Q queries per step. At the start of RL about half of the main groups are all-equal (79% in the bottleneck
+# setting), so a step keeps rolling out until its Q groups carry signal, or fills with all-equal ones.
+DYNAMIC_MAX_ROUNDS = 4
 EVAL_QUESTIONS = 128  # held-out
 EVAL_RL_QUESTIONS = 64  # the first RL questions, beside held-out
 
 WARM_START_OF = {"co_train": "multi", "co_train_no_alignment": "multi", "main_only": "multi", "co_train_lora": "multi",
                  "single_agent": "single", "shared_model": "shared",
                  "bottleneck_co_train": "weak_sub", "bottleneck_main_only": "weak_sub",
-                 "bottleneck_single_agent": "single_weak_sub"}
+                 "bottleneck_single_agent": "single_weak_sub",
+                 "co_train_dynamic": "multi", "bottleneck_co_train_dynamic": "weak_sub",
+                 "bottleneck_main_only_dynamic": "weak_sub"}
 WARM_START_MODE = {"multi": "co_train", "shared": "shared_model", "single": "single_agent", "weak_sub": "co_train",
                    "single_weak_sub": "single_agent"}
 BOTTLENECK_KINDS = ("weak_sub", "single_weak_sub")
@@ -103,6 +111,9 @@ GROUPS = {
                   "bottleneck_main_only", "bottleneck_single_agent"),
     # co_train with LoRA adapters on the same warm start (MoE and LoRA, issue 14): the adapters alone trained.
     "lora": ("co_train", "co_train_lora"),
+    # Dynamic sampling beside the runs without it, in both settings.
+    "dynamic": ("co_train", "co_train_dynamic", "bottleneck_co_train", "bottleneck_co_train_dynamic",
+                "bottleneck_main_only", "bottleneck_main_only_dynamic"),
 }
 SETTING_NOTES = {
     "co_train": "M-GRPO: main + sub trained (2 x 0.72M params)",
@@ -115,6 +126,10 @@ SETTING_NOTES = {
     "bottleneck_co_train": "co_train; the sub teacher, not the main one, took shortcuts",
     "bottleneck_main_only": "bottleneck warm start; sub frozen",
     "bottleneck_single_agent": "single_agent; shortcuts where the sub teacher's are",
+    "co_train_dynamic": f"co_train; all-equal groups replaced by fresh queries (<= {DYNAMIC_MAX_ROUNDS} rollout "
+                        f"batches per step)",
+    "bottleneck_co_train_dynamic": "bottleneck_co_train with dynamic sampling, as co_train_dynamic",
+    "bottleneck_main_only_dynamic": "bottleneck_main_only with dynamic sampling, as co_train_dynamic",
 }
 PREAMBLE = {
     "core": "The core comparison (configs/repro/common.py): the same warm-start recipe for every setting, then "
@@ -126,6 +141,9 @@ PREAMBLE = {
                  "the errors and co-training can.",
     "lora": "co_train with LoRA: the same warm start and RL budget as co_train, training rank-8 adapters on every "
             "projection of both agents while their base weights stay frozen.",
+    "dynamic": "Dynamic sampling (DAPO): the same warm starts and RL budget in steps, but a step trains only on "
+               "queries whose main rewards differ, rolling out fresh RL questions in place of all-equal groups (up "
+               f"to {DYNAMIC_MAX_ROUNDS} batches of Q queries per step), beside the runs without it.",
 }
 
 
@@ -178,7 +196,9 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
     kind = WARM_START_OF[mode]
     c = warm_start_config(kind)
     c.mode = {"co_train_no_alignment": "co_train", "co_train_lora": "co_train", "bottleneck_co_train": "co_train",
-              "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent"}.get(mode, mode)
+              "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent",
+              "co_train_dynamic": "co_train", "bottleneck_co_train_dynamic": "co_train",
+              "bottleneck_main_only_dynamic": "main_only"}.get(mode, mode)
     c.total_steps = TOTAL_STEPS
     c.mgrpo.num_queries = QUERIES_PER_STEP
     c.mgrpo.num_rollouts = NUM_ROLLOUTS
@@ -203,6 +223,9 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
             c.agents[role].lora.rank = LORA_RANK
             c.agents[role].lora.alpha = 2.0 * LORA_RANK
             c.agents[role].optimizer.learning_rate = LORA_LEARNING_RATE
+    if mode.endswith("_dynamic"):
+        c.mgrpo.dynamic_sampling.enabled = True
+        c.mgrpo.dynamic_sampling.max_rounds = DYNAMIC_MAX_ROUNDS
     if mode == "co_train_no_alignment":
         # No trajectory alignment: missing sub-agent slots stay empty (masked) instead of being filled with
         # duplicates or sibling rollouts' trajectories.

@@ -226,6 +226,50 @@ class RolloutBatch:
     sub_counts: np.ndarray
     stats: dict[str, Any]
 
+    @property
+    def num_queries(self) -> int:
+        return int(self.sub_counts.shape[0])
+
+    def select(self, queries: Sequence[int]) -> RolloutBatch:
+        """The batch of these queries' rollouts, in this order, numbered 0.. again (trajectories are copied with
+        their new `query`; the records are otherwise shared). Stats are the whole batch's: they describe what was
+        sampled, not what was kept."""
+        k_n = self.sub_counts.shape[1]
+        new_index = {int(q): i for i, q in enumerate(queries)}
+        if len(new_index) != len(queries) or not all(0 <= q < self.num_queries for q in new_index):
+            raise ValueError(f"select needs distinct query indices in [0, {self.num_queries}), got {list(queries)}")
+        main = [dataclasses.replace(t, query=i) for q, i in new_index.items()
+                for t in self.main[q * k_n:(q + 1) * k_n]]
+        by_query = [[] for _ in range(self.num_queries)]
+        for t in self.sub:
+            by_query[t.query].append(t)
+        sub = [dataclasses.replace(t, query=i) for q, i in new_index.items() for t in by_query[q]]
+        counts = self.sub_counts[list(new_index)] if new_index else self.sub_counts[:0]
+        return RolloutBatch(main, sub, counts, dict(self.stats))
+
+    @classmethod
+    def concat(cls, batches: Sequence[RolloutBatch]) -> RolloutBatch:
+        """One batch of several batches' queries, numbered in order. Stats add up (counts, seconds), but for the
+        per-rollout mean of delegations and each tool's failure rate, which are recomputed, and `main_turns`, the
+        longest."""
+        if len(batches) == 1:
+            return batches[0]
+        main, sub, offset = [], [], 0
+        for b in batches:
+            main += [dataclasses.replace(t, query=t.query + offset) for t in b.main]
+            sub += [dataclasses.replace(t, query=t.query + offset) for t in b.sub]
+            offset += b.num_queries
+        counts = np.concatenate([b.sub_counts for b in batches])
+        stats = Counter()
+        for b in batches:
+            stats.update({k: v for k, v in b.stats.items() if not k.endswith("failure_rate")})
+        stats = dict(stats, main_turns=max(b.stats.get("main_turns", 0) for b in batches),
+                     delegations_per_rollout=float(counts.mean()) if counts.size else 0.0)
+        for key in [k for k in stats if k.startswith("tool/") and k.endswith("/calls")]:
+            calls, failures = stats[key], stats.get(key[:-len("calls")] + "failures", 0)
+            stats[key[:-len("calls")] + "failure_rate"] = failures / calls if calls else 0.0
+        return cls(main, sub, counts, stats)
+
 
 class _Episode:
     """A running episode: the growing token record plus its bookkeeping."""

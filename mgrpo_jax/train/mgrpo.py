@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -29,6 +29,32 @@ MODES = ("co_train", "main_only", "single_agent", "shared_model")
 
 
 @dataclasses.dataclass(frozen=True)
+class DynamicSamplingConfig:
+    """Dynamic sampling (DAPO, Yu et al. 2025, "dynamic sampling"; verl's `filter_groups`): a query whose K main
+    rewards are all equal gives the main agent no advantage, and in M-GRPO its sub-agent's rewards differ only by
+    format (they share the main outcome), so such groups leave the update and more queries are rolled out in
+    their place, until the step has Q groups whose main rewards differ or `max_rounds` rollout batches of Q
+    queries were sampled (the first included). If still short, the step fills up to Q with the all-equal groups
+    it sampled, in order (no worse than not filtering: they carry advantage 0), and counts them. Every agent's
+    batch keeps Q queries' trajectories either way.
+
+    Logged (`dynamic/...`): rounds, sampled and informative groups, filled groups (all-equal ones trained because
+    the rounds ran out) and informative groups left over from the last round. `main/zero_variance_frac` stays the
+    fraction over every sampled group (the policy's signal); `main/zero_variance_frac_trained` is the trained one.
+    """
+
+    enabled: bool = False
+    max_rounds: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"mgrpo.dynamic_sampling.enabled must be true or false, got {self.enabled!r}")
+        if not isinstance(self.max_rounds, int) or self.max_rounds < 1:
+            raise ValueError(f"mgrpo.dynamic_sampling.max_rounds must be >= 1 (rollout batches per step, the first "
+                             f"included), got {self.max_rounds}")
+
+
+@dataclasses.dataclass(frozen=True)
 class MGRPOConfig:
     """The loop's algorithmic settings (agents' optimizers and losses live in their `AgentTrainer`s)."""
 
@@ -40,6 +66,7 @@ class MGRPOConfig:
     sub_group: str = "per_query"
     alignment: AlignmentConfig = AlignmentConfig()
     rewards: RewardConfig = RewardConfig()
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
     seed: int = 0
 
     def __post_init__(self):
@@ -60,10 +87,12 @@ class MGRPOConfig:
 
 @dataclasses.dataclass
 class StepResult:
-    """What one step produced: the rollouts, the reward arrays and the host batches (for tests, stores,
-    and the decoupled mode), and the step's metrics."""
+    """What one step trained on: the rollouts of its Q queries, their gold answers, the reward arrays and the host
+    batches (for tests, stores, and the decoupled mode), and the step's metrics. With dynamic sampling the queries
+    are the ones kept from every round, numbered in that order."""
 
     rollouts: RolloutBatch
+    golds: list[Any]
     main_rewards: np.ndarray  # [Q, K]
     sub_rewards: np.ndarray  # [sum d_k], the flat (query, rollout, call) order
     batches: dict[str, PackedBatch]  # per trainer ("main", "sub", or "shared")
@@ -72,6 +101,20 @@ class StepResult:
 
 def compute_rewards(rollouts: RolloutBatch, golds: Sequence[Any], num_rollouts: int, config: RewardConfig):
     """Main rewards [Q, K], flat sub rewards [sum d_k] and the mean reward parts for logging."""
+    main_r, sub_r, parts = _rewards_and_parts(rollouts, golds, num_rollouts, config)
+    return main_r, sub_r, _reward_means(parts)
+
+
+def _reward_means(parts: dict[str, list[float]]) -> dict[str, float]:
+    """The logged reward parts: each the mean over queries of its per-query group mean."""
+    means = {k: float(np.mean(v)) for k, v in parts.items()}
+    means["main/accuracy"] = means["main/reward_correct_score"]
+    return means
+
+
+def _rewards_and_parts(rollouts: RolloutBatch, golds: Sequence[Any], num_rollouts: int, config: RewardConfig):
+    """compute_rewards with the reward parts' per-query group means unreduced (rounds of dynamic sampling add
+    up their queries')."""
     q_n = len(golds)
     main_r = np.zeros((q_n, num_rollouts), np.float32)
     sub_r, parts = [], {}
@@ -89,9 +132,7 @@ def compute_rewards(rollouts: RolloutBatch, golds: Sequence[Any], num_rollouts: 
         for prefix, group in (("main", m), ("sub", s)):
             for key, value in group.means().items():
                 parts.setdefault(f"{prefix}/reward_{key}", []).append(value)
-    means = {k: float(np.mean(v)) for k, v in parts.items()}
-    means["main/accuracy"] = means["main/reward_correct_score"]
-    return main_r, np.concatenate(sub_r) if sub_r else np.zeros(0, np.float32), means
+    return main_r, np.concatenate(sub_r) if sub_r else np.zeros(0, np.float32), parts
 
 
 class MGRPOTrainer:
@@ -113,34 +154,37 @@ class MGRPOTrainer:
         self.d_max = DMaxEstimator(config.alignment)
         self.step_count = 0
 
-    def step(self, questions: Sequence[str], golds: Sequence[Any]) -> StepResult:
+    def step(self, questions: Sequence[str], golds: Sequence[Any],
+             more_questions: Callable[[], tuple[Sequence[str], Sequence[Any]]] | None = None) -> StepResult:
+        """One step on Q = len(questions) queries. With dynamic sampling, `more_questions()` gives the next Q
+        questions and their golds for each further round (the run's data iterator); without it the step filters
+        the one round it has."""
         cfg, k_n = self.config, self.config.num_rollouts
         if len(questions) != len(golds):
             raise ValueError(f"{len(questions)} questions but {len(golds)} gold answers")
         rng = jax.random.fold_in(jax.random.key(cfg.seed), self.step_count)
         timings = {}
-        # Multi-controller runs: every process must hold the same questions, then the same rollouts (a no-op
-        # with one process; see mgrpo_jax.multihost).
-        check_agreement(f"the questions of step {self.step_count}", digest(list(questions), list(golds)))
-        t0 = time.perf_counter()
-        rollouts = self.controller.run(questions, k_n, rng)
-        timings["time/rollout_s"] = time.perf_counter() - t0
-        check_agreement(f"the rollouts' token records of step {self.step_count}", rollout_digest(rollouts))
-
-        t0 = time.perf_counter()
-        main_r, sub_r, reward_means = compute_rewards(rollouts, golds, k_n, cfg.rewards)
-        timings["time/rewards_s"] = time.perf_counter() - t0
+        metrics: dict[str, float] = {}
+        everything, all_golds, all_main_r, all_sub_r, kept = self._sample(questions, golds, more_questions, rng,
+                                                                           timings, metrics)
+        if cfg.has_sub_agent:
+            self.d_max.observe(everything.sub_counts)
+        metrics["main/zero_variance_frac"] = _zero_variance_fraction(all_main_r, _main_ok(everything, k_n))
+        metrics.update(_rollout_metrics(everything, all_main_r, all_sub_r))
+        if len(kept) == everything.num_queries:  # every sampled query trains (always, without dynamic sampling)
+            rollouts, golds, main_r, sub_r = everything, all_golds, all_main_r, all_sub_r
+        else:
+            rollouts, golds, main_r = everything.select(kept), [all_golds[q] for q in kept], all_main_r[kept]
+            sub_query = np.array([t.query for t in everything.sub], int)
+            sub_r = all_sub_r[np.concatenate([np.flatnonzero(sub_query == q) for q in kept] + [np.zeros(0, int)])]
 
         t0 = time.perf_counter()
         adv_opts = dict(scale=cfg.advantage_scale, eps=cfg.advantage_eps, ddof=cfg.advantage_ddof)
-        metrics: dict[str, float] = {}
         segments: dict[str, list[Segment]] = {}
         # Rollouts that an infrastructure failure touched (a dead tool, a failed generation) are no learning signal
         # for either agent: they leave the statistics and the batches, and are counted.
-        main_ok = np.array([t.infra_failures == 0 for t in rollouts.main], bool).reshape(main_r.shape)
+        main_ok = _main_ok(rollouts, k_n)
         metrics["infra/excluded_rollouts"] = float((~main_ok).sum())
-        if cfg.has_sub_agent:
-            self.d_max.observe(rollouts.sub_counts)
         if cfg.has_sub_agent and self.d_max.frozen:
             excluded = np.array([t.infra_failures > 0 or not main_ok[t.query, t.rollout] for t in rollouts.sub], bool)
             segments["sub"], sub_metrics = aligned_sub_segments(
@@ -150,7 +194,8 @@ class MGRPOTrainer:
         elif cfg.mode in ("co_train", "shared_model"):
             metrics["sub/warmup_skipped"] = 1.0
         adv_main = np.asarray(group_relative_advantages(main_r, main_ok, axis=1, **adv_opts))
-        metrics["main/zero_variance_frac"] = _zero_variance_fraction(main_r, main_ok)
+        if cfg.dynamic_sampling.enabled:
+            metrics["main/zero_variance_frac_trained"] = _zero_variance_fraction(main_r, main_ok)
         segments["main"] = [Segment(t, a, float(ok)) for t, a, ok in
                             zip(rollouts.main, adv_main.reshape(-1), main_ok.reshape(-1))]
         timings["time/alignment_s"] = time.perf_counter() - t0
@@ -158,10 +203,54 @@ class MGRPOTrainer:
         batches, update_metrics = self._update(segments, timings)
         metrics.update(update_metrics)
         metrics.update(timings)
-        metrics.update(reward_means)
-        metrics.update(_rollout_metrics(rollouts, main_r, sub_r))
         self.step_count += 1
-        return StepResult(rollouts, main_r, sub_r, batches, metrics)
+        return StepResult(rollouts, list(golds), main_r, sub_r, batches, metrics)
+
+    def _sample(self, questions, golds, more_questions, rng, timings, metrics):
+        """Rolls out and rewards one batch of queries, or with dynamic sampling as many rounds as it takes ->
+        (every sampled query's rollouts, golds, main rewards [N, K] and flat sub rewards, the indices of the Q
+        queries to train on). Logs the reward parts over every sampled query."""
+        cfg, k_n, q_n = self.config, self.config.num_rollouts, len(questions)
+        rounds, informative, parts = [], [], {}
+        timings["time/rollout_s"] = timings["time/rewards_s"] = 0.0
+        while True:
+            r = len(rounds)
+            name = f"step {self.step_count}" + (f", round {r}" if r else "")
+            # Multi-controller runs: every process must hold the same questions, then the same rollouts (a no-op
+            # with one process; see mgrpo_jax.multihost).
+            check_agreement(f"the questions of {name}", digest(list(questions), list(golds)))
+            t0 = time.perf_counter()
+            rollouts = self.controller.run(questions, k_n, jax.random.fold_in(rng, r) if r else rng)
+            timings["time/rollout_s"] += time.perf_counter() - t0
+            check_agreement(f"the rollouts' token records of {name}", rollout_digest(rollouts))
+            t0 = time.perf_counter()
+            main_r, sub_r, round_parts = _rewards_and_parts(rollouts, golds, k_n, cfg.rewards)
+            timings["time/rewards_s"] += time.perf_counter() - t0
+            for key, values in round_parts.items():
+                parts.setdefault(key, []).extend(values)
+            rounds.append((rollouts, list(golds), main_r, sub_r))
+            stats = group_statistics(main_r, _main_ok(rollouts, k_n), axis=1)
+            informative += list((np.asarray(stats.count) > 0) & ~np.asarray(stats.zero_variance))
+            ds = cfg.dynamic_sampling
+            if not ds.enabled or sum(informative) >= q_n or r + 1 >= ds.max_rounds or more_questions is None:
+                break
+            questions, golds = more_questions()
+            if len(questions) != len(golds):
+                raise ValueError(f"more_questions gave {len(questions)} questions but {len(golds)} gold answers")
+        metrics.update(_reward_means(parts))
+        everything = RolloutBatch.concat([rollouts for rollouts, *_ in rounds])
+        all_golds = [g for _, round_golds, *_ in rounds for g in round_golds]
+        all_main_r = np.concatenate([main_r for _, _, main_r, _ in rounds])
+        all_sub_r = np.concatenate([sub_r for *_, sub_r in rounds])
+        if not cfg.dynamic_sampling.enabled:
+            return everything, all_golds, all_main_r, all_sub_r, list(range(q_n))
+        useful = [q for q, ok in enumerate(informative) if ok]
+        kept = useful[:q_n]
+        filled = [q for q, ok in enumerate(informative) if not ok][:q_n - len(kept)]
+        metrics.update({"dynamic/rounds": float(len(rounds)), "dynamic/sampled_groups": float(len(informative)),
+                        "dynamic/informative_groups": float(len(useful)), "dynamic/filled_groups": float(len(filled)),
+                        "dynamic/left_over_groups": float(len(useful) - len(kept))})
+        return everything, all_golds, all_main_r, all_sub_r, sorted(kept + filled)
 
     def _update(self, segments: dict[str, list[Segment]], timings) -> tuple[dict[str, PackedBatch], dict[str, float]]:
         """Packs each trained agent's segments, dispatches every agent's update back to back, then collects;
@@ -206,6 +295,11 @@ def aligned_sub_segments(counts, sub_trajectories, sub_rewards, d_max: int, alig
                             **adv_opts)
     flat = zip(slots.alignment.index.reshape(-1), slots.advantages.reshape(-1), slots.weight.reshape(-1))
     return [Segment(sub_trajectories[i], a, w) for i, a, w in merge_copies(flat)], slots.metrics
+
+
+def _main_ok(rollouts: RolloutBatch, num_rollouts: int) -> np.ndarray:
+    """[Q, K] bool: the rollouts no infrastructure failure touched."""
+    return np.array([t.infra_failures == 0 for t in rollouts.main], bool).reshape(-1, num_rollouts)
 
 
 def _zero_variance_fraction(rewards, mask) -> float:

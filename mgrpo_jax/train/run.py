@@ -127,10 +127,10 @@ def train(config, workdir: str, *, stop_after: int | None = None, experiment=Non
                 writer.flush()
             for step in range(start, end):
                 questions, golds = questions_and_golds(next(data))
-                result = loop.step(questions, golds)
+                result = loop.step(questions, golds, more_questions=lambda: questions_and_golds(next(data)))
                 metrics = result.metrics
                 if after_step is not None:
-                    metrics.update(after_step(step, result, golds))
+                    metrics.update(after_step(step, result, result.golds))  # the queries it trained on
                 metrics["data/skipped_rows"] = float(data.dataset.num_skipped)
                 if eval_every and (step + 1) % eval_every == 0 and step + 1 < total and (held_q or train_q):
                     metrics.update(evaluate_now(step + 1))  # the last step's is the final one below
