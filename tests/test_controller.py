@@ -352,6 +352,7 @@ def test_rollout_batches_concatenate_and_select_queries_renumbered():
     assert a.main[2].query == 1  # the inputs are not renumbered in place
 
     picked = both.select([2, 0])
+    assert both.sub_positions([2, 0]).tolist() == [4, 5, 6, 0]  # where picked.sub's records sit in both.sub
     assert picked.sub_counts.tolist() == [[0, 3], [1, 0]]
     assert [(t.query, t.tokens) for t in picked.main] == [(0, [8, 0, 0]), (0, [8, 0, 1]), (1, [7, 0, 0]),
                                                            (1, [7, 0, 1])]

@@ -240,12 +240,18 @@ class RolloutBatch:
             raise ValueError(f"select needs distinct query indices in [0, {self.num_queries}), got {list(queries)}")
         main = [dataclasses.replace(t, query=i) for q, i in new_index.items()
                 for t in self.main[q * k_n:(q + 1) * k_n]]
-        by_query = [[] for _ in range(self.num_queries)]
-        for t in self.sub:
-            by_query[t.query].append(t)
-        sub = [dataclasses.replace(t, query=i) for q, i in new_index.items() for t in by_query[q]]
+        sub = [dataclasses.replace(self.sub[j], query=new_index[self.sub[j].query])
+               for j in self.sub_positions(new_index)]
         counts = self.sub_counts[list(new_index)] if new_index else self.sub_counts[:0]
         return RolloutBatch(main, sub, counts, dict(self.stats))
+
+    def sub_positions(self, queries: Sequence[int]) -> np.ndarray:
+        """Indices into `sub` of these queries' records, query by query in this order (each query's in the flat
+        order): where `select(queries)`'s sub records, and anything indexed like `sub`, come from."""
+        by_query = [[] for _ in range(self.num_queries)]
+        for j, t in enumerate(self.sub):
+            by_query[t.query].append(j)
+        return np.array([j for q in queries for j in by_query[q]], dtype=int)
 
     @classmethod
     def concat(cls, batches: Sequence[RolloutBatch]) -> RolloutBatch:

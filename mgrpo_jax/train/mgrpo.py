@@ -169,21 +169,20 @@ class MGRPOTrainer:
                                                                            timings, metrics)
         if cfg.has_sub_agent:
             self.d_max.observe(everything.sub_counts)
-        metrics["main/zero_variance_frac"] = _zero_variance_fraction(all_main_r, _main_ok(everything, k_n))
+        # Rollouts that an infrastructure failure touched (a dead tool, a failed generation) are no learning signal
+        # for either agent: they leave the statistics and the batches, and are counted.
+        all_ok = _main_ok(everything, k_n)
+        metrics["main/zero_variance_frac"] = _zero_variance_fraction(all_main_r, all_ok)
         metrics.update(_rollout_metrics(everything, all_main_r, all_sub_r))
         if len(kept) == everything.num_queries:  # every sampled query trains (always, without dynamic sampling)
-            rollouts, golds, main_r, sub_r = everything, all_golds, all_main_r, all_sub_r
+            rollouts, golds, main_r, sub_r, main_ok = everything, all_golds, all_main_r, all_sub_r, all_ok
         else:
-            rollouts, golds, main_r = everything.select(kept), [all_golds[q] for q in kept], all_main_r[kept]
-            sub_query = np.array([t.query for t in everything.sub], int)
-            sub_r = all_sub_r[np.concatenate([np.flatnonzero(sub_query == q) for q in kept] + [np.zeros(0, int)])]
+            rollouts, golds = everything.select(kept), [all_golds[q] for q in kept]
+            main_r, sub_r, main_ok = all_main_r[kept], all_sub_r[everything.sub_positions(kept)], all_ok[kept]
 
         t0 = time.perf_counter()
         adv_opts = dict(scale=cfg.advantage_scale, eps=cfg.advantage_eps, ddof=cfg.advantage_ddof)
         segments: dict[str, list[Segment]] = {}
-        # Rollouts that an infrastructure failure touched (a dead tool, a failed generation) are no learning signal
-        # for either agent: they leave the statistics and the batches, and are counted.
-        main_ok = _main_ok(rollouts, k_n)
         metrics["infra/excluded_rollouts"] = float((~main_ok).sum())
         if cfg.has_sub_agent and self.d_max.frozen:
             excluded = np.array([t.infra_failures > 0 or not main_ok[t.query, t.rollout] for t in rollouts.sub], bool)
@@ -211,6 +210,7 @@ class MGRPOTrainer:
         (every sampled query's rollouts, golds, main rewards [N, K] and flat sub rewards, the indices of the Q
         queries to train on). Logs the reward parts over every sampled query."""
         cfg, k_n, q_n = self.config, self.config.num_rollouts, len(questions)
+        ds = cfg.dynamic_sampling
         rounds, informative, parts = [], [], {}
         timings["time/rollout_s"] = timings["time/rewards_s"] = 0.0
         while True:
@@ -231,7 +231,6 @@ class MGRPOTrainer:
             rounds.append((rollouts, list(golds), main_r, sub_r))
             stats = group_statistics(main_r, _main_ok(rollouts, k_n), axis=1)
             informative += list((np.asarray(stats.count) > 0) & ~np.asarray(stats.zero_variance))
-            ds = cfg.dynamic_sampling
             if not ds.enabled or sum(informative) >= q_n or r + 1 >= ds.max_rounds or more_questions is None:
                 break
             questions, golds = more_questions()
@@ -242,7 +241,7 @@ class MGRPOTrainer:
         all_golds = [g for _, round_golds, *_ in rounds for g in round_golds]
         all_main_r = np.concatenate([main_r for _, _, main_r, _ in rounds])
         all_sub_r = np.concatenate([sub_r for *_, sub_r in rounds])
-        if not cfg.dynamic_sampling.enabled:
+        if not ds.enabled:
             return everything, all_golds, all_main_r, all_sub_r, list(range(q_n))
         useful = [q for q, ok in enumerate(informative) if ok]
         kept = useful[:q_n]
