@@ -207,7 +207,8 @@ def test_repro_command_end_to_end_on_a_tiny_budget(tmp_path):
            "--train_set=agents.main.sampler.attention=dense", "--train_set=agents.sub.sampler.attention=dense"]
     for pair in common:
         cmd += [f"--warm_start_set={pair}", f"--train_set={pair}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # repro.py's own cache (asserted below), not the test session's (conftest)
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}, "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for kind in ("multi", "single"):
