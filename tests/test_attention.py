@@ -425,7 +425,9 @@ def test_select_implementation_rules():
     q, k = (1, 64, 4, 128), (1, 64, 2, 128)
     bf16, f32 = jnp.bfloat16, jnp.float32
     assert select_implementation("auto", q, k, f32, block_kv=32, backend="cpu") == "chunked"
-    assert select_implementation("auto", q, k, f32, block_kv=64, backend="cpu") == "dense"
+    assert select_implementation("auto", q, k, f32, block_kv=64, backend="cpu") == "chunked"  # training: any T
+    assert select_implementation("auto", q, k, f32, block_kv=64, backend="cpu", kv_valid_len_given=True) == "dense"
+    assert select_implementation("auto", (1, 1, 4, 128), k, f32, block_kv=64, backend="cpu") == "dense"  # decode
     assert select_implementation("auto", q, k, bf16, backend="tpu") == "splash"
     assert select_implementation("auto", q, k, bf16, block_kv=32, backend="tpu", kv_valid_len_given=True) == "chunked"
     assert select_implementation("auto", (1, 1, 4, 128), k, bf16, block_kv=32, backend="tpu") == "chunked"
