@@ -28,6 +28,16 @@ from mgrpo_jax.data.synthetic import read_questions_jsonl  # noqa: E402
 from mgrpo_jax.experiment import build_experiment  # noqa: E402
 
 
+def apply_override(config, item: str) -> None:
+    """`--set KEY=VALUE`: the value converted to the type of the key's current value (a string when it is None)."""
+    key, value = item.split("=", 1)
+    *path, last = key.split(".")
+    node = config
+    for p in path:
+        node = node[p]
+    node[last] = type(node[last])(value) if node[last] is not None else value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
@@ -43,12 +53,7 @@ def main() -> None:
     config = module.get_config()
     config.mode = args.mode
     for item in args.set:
-        key, value = item.split("=", 1)
-        *path, last = key.split(".")
-        node = config
-        for p in path:
-            node = node[p]
-        node[last] = type(node[last])(value) if node[last] is not None else value
+        apply_override(config, item)
     start = time.perf_counter()
     exp = build_experiment(config, args.workdir)
     print(f"built the {args.mode} run in {time.perf_counter() - start:.1f} s "

@@ -5,7 +5,7 @@ longest jobs (the single agent's 24 epochs).
 
 Builds the warm start's experiment and its first epoch's demonstrations exactly as launch/warm_start.py does (in
 --workdir, reused across invocations), then times `--updates` SFT updates per model after one that compiles, and
-prints per model: demonstrations per update, how full the packed rows are (real tokens / positions), the update's
+prints per model: micro-batches per update, how full the packed rows are (real tokens / positions), the update's
 median seconds, real tokens per second, and the accumulate program's FLOPs per micro-batch (XLA's cost analysis)
 with the FLOP rate they imply. Prints; asserts nothing.
 """
@@ -27,16 +27,9 @@ from configs.repro.common import warm_start_config  # noqa: E402
 from mgrpo_jax.data.synthetic import read_questions_jsonl  # noqa: E402
 from mgrpo_jax.experiment import build_experiment, make  # noqa: E402
 from mgrpo_jax.train.demonstrations import make_demonstrations  # noqa: E402
-from mgrpo_jax.train.warm_start import LENGTH_MULTIPLE, WarmStartConfig, _round_up, _SFTAgent  # noqa: E402
+from mgrpo_jax.train.warm_start import WarmStartConfig, _SFTAgent, sft_groups, sft_row_len  # noqa: E402
 
-
-def _set(config, item: str) -> None:
-    key, value = item.split("=", 1)
-    *path, last = key.split(".")
-    node = config
-    for p in path:
-        node = node[p]
-    node[last] = type(node[last])(value) if node.get(last) is not None else value
+from bench.train_step import apply_override  # noqa: E402
 
 
 def main() -> None:
@@ -49,23 +42,17 @@ def main() -> None:
     args = parser.parse_args()
     config = warm_start_config(args.kind)
     for item in args.set:
-        _set(config, item)
+        apply_override(config, item)
     ws = make(WarmStartConfig, config.warm_start, "warm_start")
     exp = build_experiment(config, os.path.join(args.workdir, args.kind))
     questions = [q for f in exp.data.warm_start_files or exp.data.train_files for q in read_questions_jsonl(f)]
     demos = make_demonstrations(exp.controller, questions, query=ws.query, fallback_query=ws.fallback_query,
                                 shortcuts=ws.shortcuts, seed=0)
-    if config.mode == "single_agent":
-        groups = {"main": (["main"], demos.main)}
-    elif config.mode == "shared_model":
-        groups = {"main": (["main", "sub"], demos.main + demos.sub)}
-    else:
-        groups = {"main": (["main"], demos.main), "sub": (["sub"], demos.sub)}
     print(f"kind {args.kind}: backend {jax.default_backend()}, {os.cpu_count()} CPUs; batch_size {ws.batch_size}, "
           f"micro_batch_size {ws.micro_batch_size}")
-    for name, (roles, rows) in groups.items():
-        max_len = _round_up(max(len(t.tokens) for t in rows), LENGTH_MULTIPLE)
-        agent = _SFTAgent(name, exp, roles, [rows], max_len, ws, seed=0)
+    for name, (roles, rows) in sft_groups(config.mode, [demos]).items():
+        max_len = sft_row_len(rows)
+        agent = _SFTAgent(name, exp, roles, rows, max_len, ws, seed=0)
         agent.new_epoch(0)
         batches = [agent.next_batch() for _ in range(args.updates + 1)]
         batches = [b for b in batches if b is not None]
@@ -85,7 +72,7 @@ def main() -> None:
         flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
         micro_per_update = positions / len(seconds) / micro["tokens"].size
         per_update = statistics.median(seconds)
-        print(f"{name}: {len(rows)} demonstrations, rows of {max_len}, {micro_per_update:.2f} micro-batches of "
+        print(f"{name}: {len(rows[0])} demonstrations, rows of {max_len}, {micro_per_update:.2f} micro-batches of "
               f"{ws.micro_batch_size} rows per update; fill {real / positions:.3f}; first update {compile_s:.1f} s; "
               f"update {per_update:.3f} s (median of {len(seconds)}), {real / sum(seconds):.0f} real tokens/s; "
               f"accumulate {flops / 1e9:.2f} GFLOP per micro-batch, "

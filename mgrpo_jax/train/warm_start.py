@@ -107,6 +107,21 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def sft_groups(mode: str, demos: list[Demonstrations]) -> dict[str, tuple[list[str], list[list[Trajectory]]]]:
+    """Model name -> (the roles it plays, its demonstrations per draw): one model per agent, or one for both
+    roles (shared_model), or the single agent's."""
+    if mode == "single_agent":
+        return {"main": (["main"], [d.main for d in demos])}
+    if mode == "shared_model":  # one model learns both roles
+        return {"main": (["main", "sub"], [d.main + d.sub for d in demos])}
+    return {"main": (["main"], [d.main for d in demos]), "sub": (["sub"], [d.sub for d in demos])}
+
+
+def sft_row_len(rows: list[list[Trajectory]]) -> int:
+    """SFT rows hold the longest demonstration of any draw, rounded up to LENGTH_MULTIPLE."""
+    return _round_up(max(len(t.tokens) for epoch_rows in rows for t in epoch_rows), LENGTH_MULTIPLE)
+
+
 class _SFTAgent:
     """One model's SFT: its demonstrations (one set per epoch, or one for all), its AgentTrainer, and a seeded
     shuffled pass per epoch for its first `epochs` epochs."""
@@ -216,15 +231,9 @@ def warm_start(config, workdir: str, *, log: Callable[[str], None] = logger.info
                          "task.search_top_k so that search results show the documents")
 
     # -- one SFT trainer per model ------------------------------------------------------------------------
-    if config.mode == "single_agent":
-        groups = {"main": (["main"], [d.main for d in demos])}
-    elif config.mode == "shared_model":  # one model learns both roles
-        groups = {"main": (["main", "sub"], [d.main + d.sub for d in demos])}
-    else:
-        groups = {"main": (["main"], [d.main for d in demos]), "sub": (["sub"], [d.sub for d in demos])}
     agents = {}
-    for i, (name, (roles, rows)) in enumerate(groups.items()):
-        max_len = _round_up(max(len(t.tokens) for epoch_rows in rows for t in epoch_rows), LENGTH_MULTIPLE)
+    for i, (name, (roles, rows)) in enumerate(sft_groups(config.mode, demos).items()):
+        max_len = sft_row_len(rows)
         agents[name] = _SFTAgent(name, exp, roles, rows, max_len, ws, seed=int(config.seed) + i)
         log(f"{name}: {len(rows[0])} demonstrations, rows of {max_len} tokens, {agents[name].steps[0]} "
             f"updates of {ws.batch_size} per epoch for {agents[name].epochs} epochs")
