@@ -80,7 +80,10 @@ def get_config() -> ConfigDict:
         "advantage_scale": "std", "advantage_eps": 1e-6, "advantage_ddof": 0, "sub_group": "per_query",
         "alignment": {"d_max": 2, "pad_mode": "duplicate", "fill_empty_from_siblings": True,
                       "reweight_duplicates": False},
-        "rewards": {"alpha_f": 0.1, "alpha_c": 0.9, "beta_f": 0.1, "beta_m": 0.9, "beta_j": 0.0, "correct": "em"},
+        # sub_judge: "" (none) or "facts" (generated tasks: the sub-agent's answer checked against the world's
+        # fact for the sub-task it was given, data.synthetic.FactJudge); its score weighs beta_j in R_S.
+        "rewards": {"alpha_f": 0.1, "alpha_c": 0.9, "beta_f": 0.1, "beta_m": 0.9, "beta_j": 0.0, "correct": "em",
+                    "sub_judge": ""},
         # DAPO's dynamic sampling: queries whose K main rewards are all equal are replaced by fresh ones, up to
         # max_rounds rollout batches per step (mgrpo_jax/train/mgrpo.py, DynamicSamplingConfig)
         "dynamic_sampling": {"enabled": False, "max_rounds": 4},

@@ -5,6 +5,7 @@
                                                        #   -> docs/results/ablations/ (reuses the core runs)
     python launch/repro.py --group lora --jobs 2       # co_train with LoRA adapters -> docs/results/lora/
     python launch/repro.py --group dynamic --jobs 2    # dynamic sampling, both settings -> docs/results/dynamic/
+    python launch/repro.py --group judge --jobs 2      # a sub-agent judge, both settings -> docs/results/judge/
     python launch/repro.py --settings co_train,main_only --seeds 0 --train_set total_steps=20 --out /tmp/pilot
 
 Settings are configs/repro/<setting>.py (configs/repro/common.py explains the design). One pool of `--jobs`
@@ -80,7 +81,7 @@ def main(argv=None):
     parser.add_argument("--group", default="core", choices=sorted(GROUPS),
                         help="which comparison: its settings and default --out (default %(default)s)")
     parser.add_argument("--out", default=None, help="where the table and curves go (default: docs/results for "
-                        "core, docs/results/ablations for ablations)")
+                        "core, docs/results/<group> for the others)")
     parser.add_argument("--settings", default=None, help="comma-separated, of " + ", ".join(SETTINGS) +
                         " (default: the group's)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated RL seeds (default %(default)s)")

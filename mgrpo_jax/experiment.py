@@ -64,6 +64,29 @@ def make(cls, values: Mapping[str, Any] | None, where: str, **extra):
         raise ValueError(f"config {where}: {e}") from e
 
 
+SUB_JUDGES = ("", "facts")
+
+
+def sub_judge(name: Any, task: Mapping[str, Any], data) -> Any:
+    """config mgrpo.rewards.sub_judge -> RewardConfig.sub_judge: None for "" / None, a callable as it is, or a
+    built-in judge by name: "facts", the generated world's facts (`data.synthetic.FactJudge`)."""
+    if name is None or callable(name) or name == "":
+        return name or None
+    if name not in SUB_JUDGES:
+        raise ValueError(f"config mgrpo.rewards.sub_judge={name!r} is not a judge; choose one of {list(SUB_JUDGES)}")
+    if task.kind != "synthetic":
+        raise ValueError(f"config mgrpo.rewards.sub_judge='facts' checks answers against a generated world's facts; "
+                         f"task.kind={task.kind!r} has none (set task.kind='synthetic', or sub_judge='')")
+    from mgrpo_jax.data.synthetic import FactJudge, generate_world
+
+    world = generate_world(int(task.world_seed), int(task.num_entities))
+    if [(d.doc_id, d.text) for d in world.documents] != [(d.doc_id, d.text) for d in data.documents]:
+        raise ValueError("config mgrpo.rewards.sub_judge='facts': the run's corpus is not the world that "
+                         f"task.world_seed={task.world_seed} and task.num_entities={task.num_entities} generate "
+                         "(data written by another version?); regenerate the data or set sub_judge=''")
+    return FactJudge(world)
+
+
 @dataclasses.dataclass
 class Agent:
     """One agent's parts: model config, graph, mesh, sampler policy and (when it trains) its trainer."""
@@ -216,7 +239,9 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     meshes = sharding.make_agent_meshes(layout)
 
     alignment = make(AlignmentConfig, mgrpo_cfg.alignment, "mgrpo.alignment")
-    rewards = make(RewardConfig, mgrpo_cfg.rewards, "mgrpo.rewards")
+    reward_values = dict(to_dict(mgrpo_cfg.rewards))
+    reward_values["sub_judge"] = sub_judge(reward_values.get("sub_judge"), config.task, data)
+    rewards = make(RewardConfig, reward_values, "mgrpo.rewards")
     dynamic = make(DynamicSamplingConfig, mgrpo_cfg.get("dynamic_sampling", {}), "mgrpo.dynamic_sampling")
     nested = ("alignment", "rewards", "dynamic_sampling", "num_queries")
     loop_values = {k: v for k, v in to_dict(mgrpo_cfg).items() if k not in nested}

@@ -6,7 +6,8 @@ import os
 import pytest
 from ml_collections import ConfigDict
 
-from mgrpo_jax.experiment import make, pack_length, to_dict
+from mgrpo_jax.data import synthetic
+from mgrpo_jax.experiment import SUB_JUDGES, make, pack_length, sub_judge, to_dict
 from mgrpo_jax.rollout.controller import ControllerConfig
 from mgrpo_jax.rollout.protocol import ProtocolConfig
 from mgrpo_jax.rollout.rewards import RewardConfig
@@ -30,7 +31,11 @@ def test_preset_sections_validate(name):
     make(ProtocolConfig, config.protocol, "protocol")
     controller = make(ControllerConfig, config.controller, "controller")
     make(AlignmentConfig, config.mgrpo.alignment, "mgrpo.alignment")
-    make(RewardConfig, config.mgrpo.rewards, "mgrpo.rewards")
+    rewards = to_dict(config.mgrpo.rewards)
+    # A built-in judge is named here and built against the task's data (experiment.sub_judge, tested below).
+    assert rewards.get("sub_judge", "") in SUB_JUDGES
+    make(RewardConfig, {**rewards, "sub_judge": (lambda t: 1.0) if rewards.get("sub_judge") else None},
+         "mgrpo.rewards")
     _parse_layout({role: {k: v for k, v in to_dict(config.agents[role].mesh).items() if v not in ("", None)}
                    for role in ("main", "sub")})
     for role in ("main", "sub"):
@@ -48,6 +53,25 @@ def test_preset_sections_validate(name):
     if config.mode == "shared_model":  # one model (main's sampler) also runs the sub-agent's episodes
         sampler = make(SamplerConfig, config.agents.main.sampler, "agents.main.sampler")
         assert sampler.prompt_buckets[-1] >= controller.max_sub_context - sampler.max_new_tokens
+
+
+def test_sub_judge_by_name_is_built_for_the_run_s_generated_world():
+    import types
+
+    task = ConfigDict({"kind": "synthetic", "world_seed": 5, "num_entities": 40})
+    world = synthetic.generate_world(5, 40)
+    data = types.SimpleNamespace(documents=list(world.documents))
+    assert sub_judge("", task, data) is None and sub_judge(None, task, data) is None
+    judge = sub_judge("facts", task, data)
+    hop = synthetic.generate_questions(world, 5, hops=(1,), seed=0)[0].chain[0]
+    assert judge(types.SimpleNamespace(task=hop.question, final=hop.answer)) == 1.0
+    assert sub_judge(judge, task, data) is judge  # a callable passes through
+    with pytest.raises(ValueError, match="sub_judge='llm' is not a judge"):
+        sub_judge("llm", task, data)
+    with pytest.raises(ValueError, match="task.kind='files' has none"):
+        sub_judge("facts", ConfigDict({"kind": "files"}), data)
+    with pytest.raises(ValueError, match="not the world that task.world_seed=6"):
+        sub_judge("facts", ConfigDict({"kind": "synthetic", "world_seed": 6, "num_entities": 40}), data)
 
 
 def test_repro_settings_share_one_budget_and_start_from_their_warm_start():
@@ -73,6 +97,13 @@ def test_repro_settings_share_one_budget_and_start_from_their_warm_start():
         lora.agents[role].lora = configs["co_train"].agents[role].lora
         lora.agents[role].optimizer = configs["co_train"].agents[role].optimizer
     assert to_dict(lora) == to_dict(configs["co_train"])
+    # The *_judge settings differ from theirs in the sub-agent judge and its weight alone.
+    for setting, base in (("co_train_judge", "co_train"), ("bottleneck_co_train_judge", "bottleneck_co_train")):
+        judged = configs.pop(setting)
+        assert (judged.mgrpo.rewards.sub_judge, judged.mgrpo.rewards.beta_j) == ("facts", common.JUDGE_WEIGHT)
+        assert configs[base].mgrpo.rewards.beta_j == 0.0
+        judged.mgrpo.rewards = configs[base].mgrpo.rewards
+        assert to_dict(judged) == to_dict(configs[base])
     assert len({repr(same(c)) for c in configs.values()}) == 1
     any_config = configs["co_train"]
     assert any_config.task.rl_fraction > 0 and not any_config.task.skip_train_questions

@@ -84,6 +84,7 @@ def test_scripted_rollouts_record_everything_exactly():
         subtask = f"[plan {traj.rollout}] hop {traj.call + 1} of: {qs[traj.query]}"
         expected = list(codec.prompt(ctrl.config.sub_system_prompt, subtask))
         assert traj.tokens[: traj.prompt_len] == expected and traj.policy_version == 3
+        assert traj.task == subtask  # what a sub judge reads
         if traj.rollout == 2 and traj.call == 1:
             assert (traj.finish_reason, traj.format_ok, traj.final) == ("format_error", False, None)
             expected += enc("I am confused")
@@ -103,7 +104,7 @@ def test_scripted_rollouts_record_everything_exactly():
     for traj in batch.main:
         assert traj.policy_version == 7 and traj.format_ok and traj.finish_reason == "answer"
         expected = list(codec.prompt(ctrl.config.main_system_prompt, qs[traj.query]))
-        assert traj.tokens[: traj.prompt_len] == expected
+        assert traj.tokens[: traj.prompt_len] == expected and traj.task == qs[traj.query]
         if traj.rollout == 0:
             expected += enc("No need to ask.<answer>unknown</answer>")
             assert traj.final == "unknown"

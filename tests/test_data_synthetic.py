@@ -82,6 +82,34 @@ def test_answers_follow_from_the_documents_alone(world, questions):
         assert len(names) == len(set(names))
 
 
+def test_answer_question_follows_every_chain_and_rejects_other_text(world, questions):
+    for q in questions:  # composed questions of 1-4 hops, and each hop's one-document sub-question
+        assert synthetic.answer_question(world, q.question) == q.answer, q.question
+        for hop in q.chain:
+            assert synthetic.answer_question(world, hop.question) == hop.answer, hop.question
+    q = next(q for q in questions if q.hops == 2)
+    assert synthetic.answer_question(world, "  " + q.question.replace(" ", "\n ", 1)) == q.answer  # whitespace
+    head = q.chain[0].subject
+    assert synthetic.answer_question(world, q.question.replace(head, head + "x")) is None  # no such entity
+    assert synthetic.answer_question(world, q.question.rstrip("?")) is None  # not the template
+    assert synthetic.answer_question(world, f"Tell me about {head}.") is None
+    person = next(e for e in world.entities if e.kind == "person")
+    assert synthetic.answer_question(world, f"Who founded {person.name}?") is None  # a person founds nothing
+
+
+def test_fact_judge_scores_the_sub_answer_against_the_world(world, questions):
+    import types
+
+    judge = synthetic.FactJudge(world)
+    hop = next(q for q in questions if q.hops == 2).chain[1]
+    episode = lambda task, final: types.SimpleNamespace(task=task, final=final)  # noqa: E731
+    assert judge(episode(hop.question, hop.answer)) == 1.0
+    assert judge(episode(hop.question, f" the {hop.answer.upper()}. ")) == 1.0  # normalized exact match
+    assert judge(episode(hop.question, hop.answer + " and more")) == 0.0
+    assert judge(episode(hop.question, None)) == 0.0
+    assert judge(episode(f"What about {hop.subject}?", hop.answer)) == 0.0  # a task the world cannot answer
+
+
 def test_generation_is_deterministic_and_seed_dependent():
     a = synthetic.generate_world(11, num_entities=60)
     b = synthetic.generate_world(11, num_entities=60)

@@ -91,6 +91,11 @@ SAMPLER_ATTENTION_BLOCK = 128
 # Q queries per step. At the start of RL about half of the main groups are all-equal (79% in the bottleneck
 # setting), so a step keeps rolling out until its Q groups carry signal, or fills with all-equal ones.
 DYNAMIC_MAX_ROUNDS = 4
+# The *_judge settings: the sub-agent's reward also scores its own report (mgrpo.rewards.sub_judge="facts": its
+# answer against the world's fact for the sub-task it was given), weighted JUDGE_WEIGHT beside the shared outcome
+# (R_S = 0.1 + 0.9 c_k + JUDGE_WEIGHT * judge): a sub-agent that reads and reports right earns more than one
+# that guesses, even in a group whose main agent fails every rollout (the shared outcome alone is then flat).
+JUDGE_WEIGHT = 0.5
 EVAL_QUESTIONS = 128  # held-out
 EVAL_RL_QUESTIONS = 64  # the first RL questions, beside held-out
 
@@ -99,7 +104,8 @@ WARM_START_OF = {"co_train": "multi", "co_train_no_alignment": "multi", "main_on
                  "bottleneck_co_train": "weak_sub", "bottleneck_main_only": "weak_sub",
                  "bottleneck_single_agent": "single_weak_sub",
                  "co_train_dynamic": "multi", "bottleneck_co_train_dynamic": "weak_sub",
-                 "bottleneck_main_only_dynamic": "weak_sub"}
+                 "bottleneck_main_only_dynamic": "weak_sub", "co_train_judge": "multi",
+                 "bottleneck_co_train_judge": "weak_sub"}
 WARM_START_MODE = {"multi": "co_train", "shared": "shared_model", "single": "single_agent", "weak_sub": "co_train",
                    "single_weak_sub": "single_agent"}
 BOTTLENECK_KINDS = ("weak_sub", "single_weak_sub")
@@ -114,6 +120,9 @@ GROUPS = {
     # Dynamic sampling beside the runs without it, in both settings.
     "dynamic": ("co_train", "co_train_dynamic", "bottleneck_co_train", "bottleneck_co_train_dynamic",
                 "bottleneck_main_only", "bottleneck_main_only_dynamic"),
+    # A sub-agent judge in the sub-agent's reward, beside the runs without it, in both settings.
+    "judge": ("co_train", "co_train_judge", "main_only", "bottleneck_co_train", "bottleneck_co_train_judge",
+              "bottleneck_main_only"),
 }
 SETTING_NOTES = {
     "co_train": "M-GRPO: main + sub trained (2 x 0.72M params)",
@@ -130,6 +139,8 @@ SETTING_NOTES = {
                         f"batches per step)",
     "bottleneck_co_train_dynamic": "bottleneck_co_train with dynamic sampling, as co_train_dynamic",
     "bottleneck_main_only_dynamic": "bottleneck_main_only with dynamic sampling, as co_train_dynamic",
+    "co_train_judge": f"co_train; sub reward + {JUDGE_WEIGHT:g} x its report's correctness (fact judge)",
+    "bottleneck_co_train_judge": "bottleneck_co_train with the fact judge, as co_train_judge",
 }
 PREAMBLE = {
     "core": "The core comparison (configs/repro/common.py): the same warm-start recipe for every setting, then "
@@ -144,6 +155,10 @@ PREAMBLE = {
     "dynamic": "Dynamic sampling (DAPO): the same warm starts and RL budget in steps, but a step trains only on "
                "queries whose main rewards differ, rolling out fresh RL questions in place of all-equal groups (up "
                f"to {DYNAMIC_MAX_ROUNDS} batches of Q queries per step), beside the runs without it.",
+    "judge": "A sub-agent judge (the paper's judge term, here a rule that knows the generated world's facts): "
+             f"the sub-agent's reward adds {JUDGE_WEIGHT:g} x whether its report answers the sub-task it was given, "
+             "so its groups carry signal when the main agent's outcome does not differ. Same warm starts and RL "
+             "budget, beside the runs without it and main_only, in both settings.",
 }
 
 
@@ -198,7 +213,8 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
     c.mode = {"co_train_no_alignment": "co_train", "co_train_lora": "co_train", "bottleneck_co_train": "co_train",
               "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent",
               "co_train_dynamic": "co_train", "bottleneck_co_train_dynamic": "co_train",
-              "bottleneck_main_only_dynamic": "main_only"}.get(mode, mode)
+              "bottleneck_main_only_dynamic": "main_only", "co_train_judge": "co_train",
+              "bottleneck_co_train_judge": "co_train"}.get(mode, mode)
     c.total_steps = TOTAL_STEPS
     c.mgrpo.num_queries = QUERIES_PER_STEP
     c.mgrpo.num_rollouts = NUM_ROLLOUTS
@@ -226,6 +242,9 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
     if mode.endswith("_dynamic"):
         c.mgrpo.dynamic_sampling.enabled = True
         c.mgrpo.dynamic_sampling.max_rounds = DYNAMIC_MAX_ROUNDS
+    if mode.endswith("_judge"):
+        c.mgrpo.rewards.sub_judge = "facts"
+        c.mgrpo.rewards.beta_j = JUDGE_WEIGHT
     if mode == "co_train_no_alignment":
         # No trajectory alignment: missing sub-agent slots stay empty (masked) instead of being filled with
         # duplicates or sibling rollouts' trajectories.

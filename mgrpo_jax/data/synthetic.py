@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -411,6 +412,68 @@ def _compose(head: str, relations: Sequence[str]) -> str:
     for key in relations[:-1]:
         subject = RELATIONS[key].phrase.format(s=subject)
     return RELATIONS[relations[-1]].question.format(s=subject)
+
+
+# ----------------------------------------------------------------------------------------------- judging
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    """A relation's question or phrase template as a full-match pattern; "{s}" captures the subject."""
+    head, tail = template.split("{s}")
+    return re.compile(re.escape(head) + "(?P<s>.+)" + re.escape(tail))
+
+
+_QUESTION_PATTERNS = tuple((key, _template_pattern(r.question)) for key, r in RELATIONS.items())
+_PHRASE_PATTERNS = tuple((key, _template_pattern(r.phrase)) for key, r in RELATIONS.items() if r.phrase)
+
+
+def _resolve(world: World, subject: str, depth: int = 0) -> Entity | None:
+    """The entity a subject names: a name, or a noun phrase over one ("the founder of Velmor Guild")."""
+    if subject in world._by_name:
+        return world._by_name[subject]
+    if depth >= MAX_HOPS:
+        return None
+    for key, pattern in _PHRASE_PATTERNS:
+        m = pattern.fullmatch(subject)
+        inner = _resolve(world, m["s"], depth + 1) if m else None
+        if inner is not None and key in inner.facts:
+            return world.entity(inner.facts[key])
+    return None
+
+
+def answer_question(world: World, text: str) -> str | None:
+    """The world's answer to a question phrased with the generator's templates (any number of hops, e.g. a
+    sub-question a main agent delegated), or None when the text is not such a question about this world."""
+    text = " ".join(text.split())
+    for key, pattern in _QUESTION_PATTERNS:
+        m = pattern.fullmatch(text)
+        entity = _resolve(world, m["s"]) if m else None
+        if entity is not None and key in entity.facts:
+            value = entity.facts[key]
+            return world.entity(value).name if RELATIONS[key].target is not None else value
+    return None
+
+
+class FactJudge:
+    """A sub-agent judge (`RewardConfig.sub_judge`) for a generated world: 1.0 when the sub-agent's final answer
+    is the world's answer to the sub-task it was given (normalized exact match), else 0.0, also when the
+    sub-task is not a question about this world (a delegation that names no entity of it cannot be answered).
+
+    It plays the part of the paper's LLM judge with the reference at hand, so the sub-agent is scored on its
+    own job (read the right document, report its fact) whatever the main agent then makes of the report.
+    """
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def __call__(self, trajectory: Any) -> float:
+        gold = answer_question(self.world, getattr(trajectory, "task", ""))
+        final = getattr(trajectory, "final", None)
+        if gold is None or final is None:
+            return 0.0
+        from mgrpo_jax.rollout.rewards import exact_match  # host-side, no JAX
+
+        return exact_match(final, gold)
 
 
 def _question_id(world: World, text: str) -> str:

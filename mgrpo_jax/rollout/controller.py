@@ -183,6 +183,8 @@ class Trajectory:
     infra_failures: infrastructure failures this episode met (module docstring): its own tool calls that timed
     out or failed, 1 for a "generation_failed" sub episode, and for a main episode also those of every sub
     episode it delegated. > 0 on a main trajectory: the whole rollout was touched by an outage.
+    task: the user message the episode answered (the question, or the sub-task the main agent delegated), as text:
+    what a judge reads (RewardConfig.sub_judge) without decoding the prompt.
     """
 
     agent: str
@@ -201,6 +203,7 @@ class Trajectory:
     tool_calls: int = 0
     truncated_observations: int = 0
     infra_failures: int = 0
+    task: str = ""
 
     @property
     def format_ok(self) -> bool:
@@ -280,9 +283,10 @@ class RolloutBatch:
 class _Episode:
     """A running episode: the growing token record plus its bookkeeping."""
 
-    def __init__(self, agent: str, query: int, rollout: int, call: int, prompt: list[int], version: int):
+    def __init__(self, agent: str, query: int, rollout: int, call: int, prompt: list[int], version: int,
+                 task: str = ""):
         self.traj = Trajectory(agent, query, rollout, call, len(prompt), list(prompt), [0] * len(prompt),
-                               [0.0] * len(prompt), [], None, "", None, version)
+                               [0.0] * len(prompt), [], None, "", None, version, task=task)
         self.turns = 0
         self.delegations = 0
         self.waiting: tuple[str, str] | None = None  # the pending (action, argument) of this turn
@@ -398,7 +402,7 @@ class Controller:
         system = cfg.main_system_prompt if self.delegate_action else cfg.single_system_prompt
         agent = "main" if self.delegate_action else "single"
         prompts = [self.codec.prompt(system, q) for q in questions]
-        episodes = [_Episode(agent, q, k, -1, prompts[q], self.main_policy.version)
+        episodes = [_Episode(agent, q, k, -1, prompts[q], self.main_policy.version, questions[q])
                     for q in range(len(questions)) for k in range(num_rollouts)]
         subs: list[_Episode] = []
         turn = 0
@@ -507,7 +511,7 @@ class Controller:
         for ep, subtask in delegations:
             prompt = self.codec.prompt(cfg.sub_system_prompt, subtask)
             episodes.append(_Episode("sub", ep.traj.query, ep.traj.rollout, ep.delegations - 1, prompt,
-                                     self.sub_policy.version))
+                                     self.sub_policy.version, subtask))
         while True:
             active = self._admit(episodes, cfg.max_sub_context, self.sub_policy)
             if not active:

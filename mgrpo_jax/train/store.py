@@ -157,7 +157,8 @@ class SubRecord:
                    infra_failures=max(int(traj.infra_failures), int(rollout_infra_failures)))
 
     def to_trajectory(self):
-        """A `Trajectory` (agent "sub") for `train.batch.pack`; text fields (final, error) are not stored."""
+        """A `Trajectory` (agent "sub") for `train.batch.pack`; text fields (final, error, task) are not
+        stored."""
         from mgrpo_jax.rollout.controller import Trajectory  # lazy: the controller imports jax
 
         return Trajectory("sub", self.query, self.rollout, self.call, self.prompt_len, self.tokens.tolist(),
