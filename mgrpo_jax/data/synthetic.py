@@ -36,6 +36,7 @@ from types import MappingProxyType
 from typing import Any
 
 from mgrpo_jax.data.corpus import Document, read_jsonl
+from mgrpo_jax.rollout.rewards import exact_match  # host-side (no JAX), like this module
 
 KINDS = ("person", "organization", "city", "country", "artifact")
 
@@ -429,7 +430,7 @@ _PHRASE_PATTERNS = tuple((key, _template_pattern(r.phrase)) for key, r in RELATI
 
 def _resolve(world: World, subject: str, depth: int = 0) -> Entity | None:
     """The entity a subject names: a name, or a noun phrase over one ("the founder of Velmor Guild")."""
-    if subject in world._by_name:
+    if subject in world._by_name:  # World's own index
         return world._by_name[subject]
     if depth >= MAX_HOPS:
         return None
@@ -469,11 +470,7 @@ class FactJudge:
     def __call__(self, trajectory: Any) -> float:
         gold = answer_question(self.world, getattr(trajectory, "task", ""))
         final = getattr(trajectory, "final", None)
-        if gold is None or final is None:
-            return 0.0
-        from mgrpo_jax.rollout.rewards import exact_match  # host-side, no JAX
-
-        return exact_match(final, gold)
+        return 0.0 if gold is None or final is None else exact_match(final, gold)
 
 
 def _question_id(world: World, text: str) -> str:
