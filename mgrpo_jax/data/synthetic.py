@@ -184,6 +184,11 @@ class World:
     def document(self, doc_id: str) -> Document:
         return self._docs[doc_id]
 
+    def fact(self, entity: Entity, key: str) -> str:
+        """The object of `entity`'s fact `key` as text: the related entity's name, or the attribute's value."""
+        value = entity.facts[key]
+        return self.entity(value).name if RELATIONS[key].target is not None else value
+
 
 @dataclasses.dataclass(frozen=True)
 class Hop:
@@ -450,8 +455,7 @@ def answer_question(world: World, text: str) -> str | None:
         m = pattern.fullmatch(text)
         entity = _resolve(world, m["s"]) if m else None
         if entity is not None and key in entity.facts:
-            value = entity.facts[key]
-            return world.entity(value).name if RELATIONS[key].target is not None else value
+            return world.fact(entity, key)
     return None
 
 
@@ -468,9 +472,8 @@ class FactJudge:
         self.world = world
 
     def __call__(self, trajectory: Any) -> float:
-        gold = answer_question(self.world, getattr(trajectory, "task", ""))
-        final = getattr(trajectory, "final", None)
-        return 0.0 if gold is None or final is None else exact_match(final, gold)
+        gold = answer_question(self.world, trajectory.task)
+        return 0.0 if gold is None or trajectory.final is None else exact_match(trajectory.final, gold)
 
 
 def _question_id(world: World, text: str) -> str:
@@ -494,7 +497,7 @@ def _sample_chain(world: World, rng: random.Random, hops: int, heads: Sequence[E
         key = rng.choice(options)
         rel = RELATIONS[key]
         value = entity.facts[key]
-        answer = world.entity(value).name if rel.target is not None else value
+        answer = world.fact(entity, key)
         chain.append(Hop(rel.question.format(s=entity.name), entity.name, key, answer,
                          world.fact_docs[(entity.eid, key)]))
         keys.append(key)

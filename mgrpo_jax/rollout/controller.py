@@ -284,7 +284,7 @@ class _Episode:
     """A running episode: the growing token record plus its bookkeeping."""
 
     def __init__(self, agent: str, query: int, rollout: int, call: int, prompt: list[int], version: int,
-                 task: str = ""):
+                 task: str):
         self.traj = Trajectory(agent, query, rollout, call, len(prompt), list(prompt), [0] * len(prompt),
                                [0.0] * len(prompt), [], None, "", None, version, task=task)
         self.turns = 0
