@@ -522,7 +522,7 @@ def test_records_carry_the_version_that_generated_them_after_a_rollback():
 def test_an_episode_is_as_old_as_its_oldest_served_turn():
     from mgrpo_jax.rollout.controller import _Episode
 
-    ep = _Episode("sub", 0, 0, 0, [1, 2], version=9)
+    ep = _Episode("sub", 0, 0, 0, [1, 2], version=9, task="Who founded A?")
     for version in (6, 4, 7):
         ep.add_sampled(ServedSample(np.array([3], np.int32), np.array([-0.5], np.float32), "stop", 0, version))
     assert ep.traj.policy_version == 4
