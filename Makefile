@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 REPRO_ROOT ?= runs/repro
 WARM_START := $(REPRO_ROOT)/warm_multi/warm_start/summary.json
 
-.PHONY: test bench-kernels demo repro repro-ablations repro-lora repro-dynamic repro-judge clean
+.PHONY: test bench-kernels demo repro repro-ablations repro-lora repro-dynamic repro-judge repro-delegation clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,8 @@ demo: $(STAMP)
 # docs/results/; `repro-ablations`: alignment off, one shared model and the bottleneck setting ->
 # docs/results/ablations/ (it reuses the core runs under $(REPRO_ROOT)); `repro-lora`: co_train training LoRA
 # adapters only -> docs/results/lora/; `repro-dynamic`: dynamic sampling in both settings -> docs/results/dynamic/;
-# `repro-judge`: a sub-agent judge in the sub-agent's reward, in both settings -> docs/results/judge/.
+# `repro-judge`: a sub-agent judge in the sub-agent's reward, in both settings -> docs/results/judge/;
+# `repro-delegation`: a judge of the main agent's delegations in its reward, both settings -> docs/results/delegation/.
 # Times: README, "Results".
 repro: $(STAMP)
 	$(PY) launch/repro.py --root $(REPRO_ROOT) --group core --jobs 2
@@ -55,6 +56,9 @@ repro-dynamic: $(STAMP)
 
 repro-judge: $(STAMP)
 	$(PY) launch/repro.py --root $(REPRO_ROOT) --group judge --jobs 2
+
+repro-delegation: $(STAMP)
+	$(PY) launch/repro.py --root $(REPRO_ROOT) --group delegation --jobs 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis runs

@@ -82,8 +82,10 @@ def get_config() -> ConfigDict:
                       "reweight_duplicates": False},
         # sub_judge: "" (none) or "facts" (generated tasks: the sub-agent's answer checked against the world's
         # fact for the sub-task it was given, data.synthetic.FactJudge); its score weighs beta_j in R_S.
-        "rewards": {"alpha_f": 0.1, "alpha_c": 0.9, "beta_f": 0.1, "beta_m": 0.9, "beta_j": 0.0, "correct": "em",
-                    "sub_judge": ""},
+        # main_judge: "" (none), "delegation" or "delegation_exact" (generated tasks: how faithfully the main agent
+        # delegated each hop, data.synthetic.DelegationJudge); its score weighs alpha_j in R_M.
+        "rewards": {"alpha_f": 0.1, "alpha_c": 0.9, "alpha_j": 0.0, "beta_f": 0.1, "beta_m": 0.9, "beta_j": 0.0,
+                    "correct": "em", "sub_judge": "", "main_judge": ""},
         # DAPO's dynamic sampling: queries whose K main rewards are all equal are replaced by fresh ones, up to
         # max_rounds rollout batches per step (mgrpo_jax/train/mgrpo.py, DynamicSamplingConfig)
         "dynamic_sampling": {"enabled": False, "max_rounds": 4},

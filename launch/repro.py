@@ -6,12 +6,13 @@
     python launch/repro.py --group lora --jobs 2       # co_train with LoRA adapters -> docs/results/lora/
     python launch/repro.py --group dynamic --jobs 2    # dynamic sampling, both settings -> docs/results/dynamic/
     python launch/repro.py --group judge --jobs 2      # a sub-agent judge, both settings -> docs/results/judge/
+    python launch/repro.py --group delegation --jobs 2 # a main-agent delegation judge -> docs/results/delegation/
     python launch/repro.py --settings co_train,main_only --seeds 0 --train_set total_steps=20 --out /tmp/pilot
 
 Settings are configs/repro/<setting>.py (configs/repro/common.py explains the design). One pool of `--jobs`
 processes runs, in order:
   1. the warm starts the settings need (launch/warm_start.py --config configs/repro/warm_start.py:<kind>), into
-     <root>/warm_<kind>/; a finished one (its warm_start/summary.json exists) is reused; then where its greedy
+     <root>/warm_<kind>/, those of more epochs first; a finished one (its warm_start/summary.json exists) is reused; then where its greedy
      held-out episodes fail (launch/evaluate.py --failures --initial, into <root>/warm_<kind>/eval/failures.json);
   2. each setting and seed (launch/train.py --config configs/repro/<setting>.py:<root>), into
      <root>/<setting>/seed<N>/, with its output in log.txt there, as soon as its warm start is done (the RL runs
@@ -204,7 +205,10 @@ def main(argv=None):
                 f"the run's final evaluation {summary.held_out_accuracy}")
         return summary, how
 
-    kinds = list(dict.fromkeys(WARM_START_OF[s] for s in settings))
+    # Longest first (more epochs: the single agent's), so that the critical path (that warm start, then its RL
+    # runs) starts at once instead of after the shorter warm starts free a slot.
+    kinds = sorted(dict.fromkeys(WARM_START_OF[s] for s in settings),
+                   key=lambda kind: -warm_start_config(kind).warm_start.epochs)
     with ThreadPoolExecutor(args.jobs) as pool:
         warm: dict[str, Future] = {kind: pool.submit(warm_start, kind) for kind in kinds}
         # A warm start's runs are queued when it has finished (seed-major), so that no process slot sits waiting

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -65,26 +65,48 @@ def make(cls, values: Mapping[str, Any] | None, where: str, **extra):
 
 
 SUB_JUDGES = ("", "facts")
+MAIN_JUDGES = ("", "delegation", "delegation_exact")
 
 
 def sub_judge(name: Any, task: Mapping[str, Any], data) -> Any:
     """config mgrpo.rewards.sub_judge -> RewardConfig.sub_judge: None for "" / None, a callable as it is, or a
     built-in judge by name: "facts", the generated world's facts (`data.synthetic.FactJudge`)."""
+    from mgrpo_jax.data.synthetic import FactJudge
+
+    return _world_judge("sub_judge", name, SUB_JUDGES, task, data, lambda world: FactJudge(world))
+
+
+def main_judge(name: Any, task: Mapping[str, Any], data, mode: str) -> Any:
+    """config mgrpo.rewards.main_judge -> RewardConfig.main_judge: None for "" / None, a callable as it is, or a
+    built-in judge by name: "delegation" (how faithfully the main agent delegated each hop of its generated
+    question, partial credit for a near copy; `data.synthetic.DelegationJudge`) or "delegation_exact" (whole
+    sub-questions only)."""
+    from mgrpo_jax.data.synthetic import DelegationJudge
+
+    if name and not callable(name) and mode == "single_agent":
+        raise ValueError(f"config mgrpo.rewards.main_judge={name!r} scores delegations; mode='single_agent' makes "
+                         "none (set main_judge='')")
+    return _world_judge("main_judge", name, MAIN_JUDGES, task, data,
+                        lambda world: DelegationJudge(world, soft=name == "delegation"))
+
+
+def _world_judge(field: str, name: Any, names: Sequence[str], task: Mapping[str, Any], data, build) -> Any:
+    """A judge config value resolved: None, a callable as it is, or build(the generated world of the task)."""
     if name is None or callable(name) or name == "":
         return name or None
-    if name not in SUB_JUDGES:
-        raise ValueError(f"config mgrpo.rewards.sub_judge={name!r} is not a judge; choose one of {list(SUB_JUDGES)}")
+    if name not in names:
+        raise ValueError(f"config mgrpo.rewards.{field}={name!r} is not a judge; choose one of {list(names)}")
     if task.kind != "synthetic":
-        raise ValueError(f"config mgrpo.rewards.sub_judge='facts' checks answers against a generated world's facts; "
-                         f"task.kind={task.kind!r} has none (set task.kind='synthetic', or sub_judge='')")
-    from mgrpo_jax.data.synthetic import FactJudge, generate_world
+        raise ValueError(f"config mgrpo.rewards.{field}={name!r} checks episodes against a generated world's facts; "
+                         f"task.kind={task.kind!r} has none (set task.kind='synthetic', or {field}='')")
+    from mgrpo_jax.data.synthetic import generate_world
 
     world = generate_world(int(task.world_seed), int(task.num_entities))
     if [(d.doc_id, d.text) for d in world.documents] != [(d.doc_id, d.text) for d in data.documents]:
-        raise ValueError("config mgrpo.rewards.sub_judge='facts': the run's corpus is not the world that "
+        raise ValueError(f"config mgrpo.rewards.{field}={name!r}: the run's corpus is not the world that "
                          f"task.world_seed={task.world_seed} and task.num_entities={task.num_entities} generate "
-                         "(data written by another version?); regenerate the data or set sub_judge=''")
-    return FactJudge(world)
+                         f"(data written by another version?); regenerate the data or set {field}=''")
+    return build(world)
 
 
 @dataclasses.dataclass
@@ -241,6 +263,7 @@ def build_experiment(config, workdir: str, *, role: str = "all", sub_policy=None
     alignment = make(AlignmentConfig, mgrpo_cfg.alignment, "mgrpo.alignment")
     reward_values = dict(to_dict(mgrpo_cfg.rewards))
     reward_values["sub_judge"] = sub_judge(reward_values.get("sub_judge"), config.task, data)
+    reward_values["main_judge"] = main_judge(reward_values.get("main_judge"), config.task, data, mode)
     rewards = make(RewardConfig, reward_values, "mgrpo.rewards")
     dynamic = make(DynamicSamplingConfig, mgrpo_cfg.get("dynamic_sampling", {}), "mgrpo.dynamic_sampling")
     nested = ("alignment", "rewards", "dynamic_sampling", "num_queries")

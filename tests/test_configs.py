@@ -7,7 +7,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from mgrpo_jax.data import synthetic
-from mgrpo_jax.experiment import SUB_JUDGES, make, pack_length, sub_judge, to_dict
+from mgrpo_jax.experiment import MAIN_JUDGES, SUB_JUDGES, main_judge, make, pack_length, sub_judge, to_dict
 from mgrpo_jax.rollout.controller import ControllerConfig
 from mgrpo_jax.rollout.protocol import ProtocolConfig
 from mgrpo_jax.rollout.rewards import RewardConfig
@@ -32,10 +32,11 @@ def test_preset_sections_validate(name):
     controller = make(ControllerConfig, config.controller, "controller")
     make(AlignmentConfig, config.mgrpo.alignment, "mgrpo.alignment")
     rewards = to_dict(config.mgrpo.rewards)
-    # A built-in judge is named here and built against the task's data (experiment.sub_judge, tested below).
-    assert rewards.get("sub_judge", "") in SUB_JUDGES
-    make(RewardConfig, {**rewards, "sub_judge": (lambda t: 1.0) if rewards.get("sub_judge") else None},
-         "mgrpo.rewards")
+    # A built-in judge is named here and built against the task's data (experiment.sub_judge / main_judge,
+    # tested below).
+    assert rewards.get("sub_judge", "") in SUB_JUDGES and rewards.get("main_judge", "") in MAIN_JUDGES
+    make(RewardConfig, {**rewards, "sub_judge": (lambda t: 1.0) if rewards.get("sub_judge") else None,
+                        "main_judge": (lambda t, subs: 1.0) if rewards.get("main_judge") else None}, "mgrpo.rewards")
     _parse_layout({role: {k: v for k, v in to_dict(config.agents[role].mesh).items() if v not in ("", None)}
                    for role in ("main", "sub")})
     for role in ("main", "sub"):
@@ -74,6 +75,27 @@ def test_sub_judge_by_name_is_built_for_the_run_s_generated_world():
         sub_judge("facts", ConfigDict({"kind": "synthetic", "world_seed": 6, "num_entities": 40}), data)
 
 
+def test_main_judge_by_name_is_built_for_the_run_s_generated_world():
+    import types
+
+    task = ConfigDict({"kind": "synthetic", "world_seed": 5, "num_entities": 40})
+    world = synthetic.generate_world(5, 40)
+    data = types.SimpleNamespace(documents=list(world.documents))
+    assert main_judge("", task, data, "co_train") is None
+    q = synthetic.generate_questions(world, 5, hops=(1,), seed=0)[0]
+    main = types.SimpleNamespace(task=q.question)
+    near = types.SimpleNamespace(task=q.chain[0].question.replace("?", "s?"), final="x", format_ok=True)
+    soft = main_judge("delegation", task, data, "co_train")
+    exact = main_judge("delegation_exact", task, data, "main_only")
+    assert 0.9 < soft(main, [near]) < 1.0 and exact(main, [near]) == 0.0  # "delegation" gives partial credit
+    with pytest.raises(ValueError, match="main_judge='facts' is not a judge"):
+        main_judge("facts", task, data, "co_train")
+    with pytest.raises(ValueError, match="mode='single_agent' makes none"):
+        main_judge("delegation", task, data, "single_agent")
+    with pytest.raises(ValueError, match="main_judge='delegation'.*task.kind='files' has none"):
+        main_judge("delegation", ConfigDict({"kind": "files"}), data, "co_train")
+
+
 def test_repro_settings_share_one_budget_and_start_from_their_warm_start():
     """The comparisons differ only in what they compare: same RL budget, data, optimizer and eval; each starts
     from the warm start of its kind, on the task that warm start was trained on, and RL trains on the heads that
@@ -97,13 +119,16 @@ def test_repro_settings_share_one_budget_and_start_from_their_warm_start():
         lora.agents[role].lora = configs["co_train"].agents[role].lora
         lora.agents[role].optimizer = configs["co_train"].agents[role].optimizer
     assert to_dict(lora) == to_dict(configs["co_train"])
-    # The *_judge settings differ from theirs in the sub-agent judge and its weight alone.
-    for setting, base in (("co_train_judge", "co_train"), ("bottleneck_co_train_judge", "bottleneck_co_train")):
-        judged = configs.pop(setting)
-        assert (judged.mgrpo.rewards.sub_judge, judged.mgrpo.rewards.beta_j) == ("facts", common.JUDGE_WEIGHT)
-        assert configs[base].mgrpo.rewards.beta_j == 0.0
-        judged.mgrpo.rewards = configs[base].mgrpo.rewards
-        assert to_dict(judged) == to_dict(configs[base])
+    # The *_judge and *_delegation settings differ from theirs in one judge and its weight alone.
+    for suffix, judge, weight, expected in (("_judge", "sub_judge", "beta_j", ("facts", common.JUDGE_WEIGHT)),
+                                            ("_delegation", "main_judge", "alpha_j",
+                                             ("delegation", common.DELEGATION_WEIGHT))):
+        for base in ("co_train", "bottleneck_co_train"):
+            judged = configs.pop(base + suffix)
+            assert (judged.mgrpo.rewards[judge], judged.mgrpo.rewards[weight]) == expected
+            assert (configs[base].mgrpo.rewards[judge], configs[base].mgrpo.rewards[weight]) == ("", 0.0)
+            judged.mgrpo.rewards = configs[base].mgrpo.rewards
+            assert to_dict(judged) == to_dict(configs[base])
     assert len({repr(same(c)) for c in configs.values()}) == 1
     any_config = configs["co_train"]
     assert any_config.task.rl_fraction > 0 and not any_config.task.skip_train_questions

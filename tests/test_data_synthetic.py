@@ -97,6 +97,39 @@ def test_answer_question_follows_every_chain_and_rejects_other_text(world, quest
     assert synthetic.answer_question(world, f"Who founded {person.name}?") is None  # a person founds nothing
 
 
+def test_question_chain_is_the_generator_s_chain(world, questions):
+    for q in questions:
+        assert synthetic.question_chain(world, q.question) == q.chain, q.question
+    assert synthetic.question_chain(world, "Who is everyone?") is None
+
+
+def test_delegation_judge_scores_each_hop_against_what_the_main_agent_knew(world, questions):
+    import types
+
+    q = next(q for q in questions if q.hops == 2)
+    h0, h1 = q.chain
+    main = types.SimpleNamespace(task=q.question)
+    sub = lambda task, final, ok=True: types.SimpleNamespace(task=task, final=final, format_ok=ok)  # noqa: E731
+    soft, exact = synthetic.DelegationJudge(world), synthetic.DelegationJudge(world, soft=False)
+    for judge in (soft, exact):
+        assert judge(main, [sub(h0.question, h0.answer), sub(h1.question, h1.answer)]) == 1.0
+        assert judge(main, [sub(h0.question, h0.answer)]) == 0.5  # answered before the last hop
+        assert judge(main, []) == 0.0
+        # The sub-agent reported a wrong name: delegating that name is the main agent's job done right.
+        wrong = next(e.name for e in world.entities if e.name not in (h0.answer, h1.subject))
+        asked = h1.question.replace(h1.subject, wrong)
+        assert judge(main, [sub(h0.question, wrong), sub(asked, "?")]) == 1.0
+        # No report (a broken sub episode): the chain's own subject is expected.
+        assert judge(main, [sub(h0.question, wrong, ok=False), sub(h1.question, "?")]) == 1.0
+        assert judge(types.SimpleNamespace(task="Who is everyone?"), [sub(h0.question, h0.answer)]) == 0.0
+    # The head's name with one letter changed: no credit for that hop when exact, near-full credit when soft.
+    name = h0.subject
+    typo = name[:-1] + ("a" if name[-1] != "a" else "e")
+    subs = [sub(h0.question.replace(name, typo), h0.answer), sub(h1.question, h1.answer)]
+    assert exact(main, subs) == 0.5 and 0.5 + 0.5 * 0.9 < soft(main, subs) < 1.0
+    assert soft(main, [sub(f"Tell me about {h0.answer}.", h0.answer), sub(h1.question, h1.answer)]) < soft(main, subs)
+
+
 def test_fact_judge_scores_the_sub_answer_against_the_world(world, questions):
     import types
 

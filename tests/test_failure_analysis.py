@@ -2,12 +2,16 @@
 known places, through the real controller, are classified where they first went wrong."""
 import re
 
+import jax
+import numpy as np
 import pytest
 
+from mgrpo_jax.data.synthetic import DelegationJudge
 from mgrpo_jax.evaluation import FAILURE_KINDS, Evaluator, failure_breakdown
 from mgrpo_jax.rollout.controller import Controller, ControllerConfig, TextCodec, ToolSet
 from mgrpo_jax.rollout.protocol import ProtocolConfig
 from mgrpo_jax.rollout.rewards import RewardConfig
+from mgrpo_jax.train.mgrpo import compute_rewards
 from rollout_fixtures import ScriptedPolicy, tokenizer, tools, world_and_questions
 
 PROTO = ProtocolConfig()
@@ -44,10 +48,12 @@ def _evaluator(controller):
     return Evaluator(controller, RewardConfig())
 
 
-def test_multi_agent_failures_are_classified_where_they_first_went_wrong():
-    questions = _questions(7)
-    faults = ["correct", "answered_early", "wrong_delegation", "missed_document", "wrong_fact", "wrong_answer",
-              "format"]
+MULTI_FAULTS = ["correct", "answered_early", "wrong_delegation", "missed_document", "wrong_fact", "wrong_answer",
+                "format"]
+
+
+def _faulty_agents(questions, faults):
+    """A controller whose scripted main and sub-agents go wrong on question i as faults[i] says."""
     hop_of = {h.question: (i, j) for i, q in enumerate(questions) for j, h in enumerate(q.chain)}
     wrong_doc = questions[0].chain[0].doc_id
 
@@ -77,11 +83,15 @@ def test_multi_agent_failures_are_classified_where_they_first_went_wrong():
         return f"<result>{'nonsense' if fault in ('missed_document', 'wrong_fact') else hop.answer}</result>"
 
     tok = tokenizer()
-    controller = Controller(config=ControllerConfig(max_observation_tokens=10_000, max_sub_turns=4),
-                            codec=TextCodec(tok, 10_000), main_policy=ScriptedPolicy(tok, main),
-                            main_protocol=PROTO.main(), tools=ToolSet(tools()), sub_policy=ScriptedPolicy(tok, sub),
-                            sub_protocol=PROTO.sub())
-    out = failure_breakdown(_evaluator(controller), questions)
+    return Controller(config=ControllerConfig(max_observation_tokens=10_000, max_sub_turns=4),
+                      codec=TextCodec(tok, 10_000), main_policy=ScriptedPolicy(tok, main),
+                      main_protocol=PROTO.main(), tools=ToolSet(tools()), sub_policy=ScriptedPolicy(tok, sub),
+                      sub_protocol=PROTO.sub())
+
+
+def test_multi_agent_failures_are_classified_where_they_first_went_wrong():
+    questions, faults = _questions(7), MULTI_FAULTS
+    out = failure_breakdown(_evaluator(_faulty_agents(questions, faults)), questions)
     by_kind = {k: v for k, v in out.items() if "@" not in k}
     assert by_kind == pytest.approx({f"failures/{k}": faults.count(k) / len(faults) for k in FAILURE_KINDS})
     # Every scripted fault happens at the first hop (the malformed main agent never delegated it); a wrong final
@@ -89,6 +99,25 @@ def test_multi_agent_failures_are_classified_where_they_first_went_wrong():
     assert {k: v for k, v in out.items() if "@" in k} == pytest.approx(
         {f"failures/{k}@hop1": 1 / 7 for k in ("format", "answered_early", "wrong_delegation", "missed_document",
                                                 "wrong_fact")})
+
+
+def test_delegation_judge_reads_the_real_controller_s_records():
+    """The main-agent judge (data.synthetic.DelegationJudge) in the main reward, on episodes of the real controller:
+    it sees each main trajectory with its sub trajectories in call order, and scores what the main agent did."""
+    questions, faults = _questions(7), MULTI_FAULTS
+    world, _ = world_and_questions(n_questions=40)
+    batch = _faulty_agents(questions, faults).run([q.question for q in questions], 1, jax.random.key(0))
+    config = RewardConfig(alpha_j=0.5, main_judge=DelegationJudge(world, soft=False))
+    main_r, _, parts = compute_rewards(batch, [q.answer for q in questions], 1, config)
+    # A wrong report (missed_document, wrong_fact) makes the next true sub-question a miscopy of what the main
+    # agent was told: only its first hop counts.
+    first_only = {"missed_document": 1 / questions[3].hops, "wrong_fact": 1 / questions[4].hops}
+    expected = [{"correct": 1.0, "wrong_answer": 1.0}.get(f, first_only.get(f, 0.0)) for f in faults]
+    correct = [1.0 if f == "correct" else 0.0 for f in faults]
+    fmt = [0.0 if f == "format" else 0.1 for f in faults]
+    np.testing.assert_allclose(main_r[:, 0], [a + 0.9 * c + 0.5 * j for a, c, j in zip(fmt, correct, expected)],
+                               rtol=1e-6)
+    assert parts["main/reward_judge_score"] == pytest.approx(np.mean(expected))
 
 
 def test_single_agent_failures_are_classified_where_they_first_went_wrong():

@@ -116,6 +116,33 @@ def test_pluggable_correct_and_judge():
     assert sub.judge_score[0] == np.float32(0.3) and sub.reward[0] == np.float32(1.0)
 
 
+def test_main_judge_adds_the_main_agent_s_own_term_and_is_not_shared():
+    seen = []
+
+    def judge(main, subs):
+        seen.append((main, list(subs)))
+        return main["progress"]
+
+    cfg = R.RewardConfig(alpha_j=0.5, main_judge=judge)
+    mains = [{"progress": 1.0}, {"progress": 0.25}, {"progress": 0.75}]
+    subs = [[{"call": 0}], [], [{"call": 0}, {"call": 1}]]
+    main, sub = R.group_rewards(["x", "y", "x"], [True, True, False], "x", [[True], [], [True, True]], cfg,
+                                sub_trajectories=subs, main_trajectories=mains)
+    assert seen == [(mains[0], subs[0]), (mains[1], subs[1])]  # not run on the broken rollout
+    np.testing.assert_allclose(main.judge_score, [1.0, 0.25, 0.0])
+    np.testing.assert_allclose(main.reward, [0.1 + 0.9 + 0.5, 0.1 + 0.125, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(main.reward, main.format + main.correct + main.judge, rtol=1e-6)
+    np.testing.assert_allclose(sub.shared, [0.9, 0.0, 0.0], rtol=1e-6)  # c_k only: the judge is not shared
+    with pytest.raises(ValueError, match="pass main_trajectories and sub_trajectories"):
+        R.group_rewards(["x"], [True], "x", [[]], cfg)
+    with pytest.raises(ValueError, match="one .main trajectory, sub trajectories. pair per rollout"):
+        R.main_rewards(["x", "y"], [True, True], "x", cfg, [(mains[0], [])])
+    with pytest.raises(ValueError, match="main_judge must return"):
+        R.main_rewards(["x"], [True], "x", R.RewardConfig(main_judge=lambda m, s: 1.5), [(mains[0], [])])
+    with pytest.raises(ValueError, match="alpha_j=0.5 needs a main_judge"):
+        R.RewardConfig(alpha_j=0.5)
+
+
 def test_bad_scorer_outputs_are_errors():
     with pytest.raises(ValueError, match=r"RewardConfig.correct must return a number in \[0, 1\]"):
         R.main_rewards(["x"], [True], "x", R.RewardConfig(correct=lambda p, g: 2.0))

@@ -96,6 +96,12 @@ DYNAMIC_MAX_ROUNDS = 4
 # (R_S = 0.1 + 0.9 c_k + JUDGE_WEIGHT * judge): a sub-agent that reads and reports right earns more than one
 # that guesses, even in a group whose main agent fails every rollout (the shared outcome alone is then flat).
 JUDGE_WEIGHT = 0.5
+# The *_delegation settings: the main agent's reward also scores how faithfully it delegated each hop
+# (mgrpo.rewards.main_judge="delegation": each hop's sub-question against the one it should have written about the
+# subject it knew, a near copy of a name earning partial credit), weighted DELEGATION_WEIGHT beside the outcome
+# (R_M = 0.1 + 0.9 c + DELEGATION_WEIGHT * judge). The main agent's all-equal groups are groups where no rollout
+# succeeds and every one misnames an unseen subject; how close each copy comes differs between rollouts.
+DELEGATION_WEIGHT = 0.5
 EVAL_QUESTIONS = 128  # held-out
 EVAL_RL_QUESTIONS = 64  # the first RL questions, beside held-out
 
@@ -105,7 +111,8 @@ WARM_START_OF = {"co_train": "multi", "co_train_no_alignment": "multi", "main_on
                  "bottleneck_single_agent": "single_weak_sub",
                  "co_train_dynamic": "multi", "bottleneck_co_train_dynamic": "weak_sub",
                  "bottleneck_main_only_dynamic": "weak_sub", "co_train_judge": "multi",
-                 "bottleneck_co_train_judge": "weak_sub"}
+                 "bottleneck_co_train_judge": "weak_sub", "co_train_delegation": "multi",
+                 "bottleneck_co_train_delegation": "weak_sub"}
 WARM_START_MODE = {"multi": "co_train", "shared": "shared_model", "single": "single_agent", "weak_sub": "co_train",
                    "single_weak_sub": "single_agent"}
 BOTTLENECK_KINDS = ("weak_sub", "single_weak_sub")
@@ -123,6 +130,9 @@ GROUPS = {
     # A sub-agent judge in the sub-agent's reward, beside the runs without it, in both settings.
     "judge": ("co_train", "co_train_judge", "main_only", "bottleneck_co_train", "bottleneck_co_train_judge",
               "bottleneck_main_only"),
+    # A main-agent judge of its delegations in the main agent's reward, beside the runs without it, both settings.
+    "delegation": ("co_train", "co_train_delegation", "main_only", "bottleneck_co_train",
+                   "bottleneck_co_train_delegation", "bottleneck_main_only"),
 }
 SETTING_NOTES = {
     "co_train": "M-GRPO: main + sub trained (2 x 0.72M params)",
@@ -141,6 +151,9 @@ SETTING_NOTES = {
     "bottleneck_main_only_dynamic": "bottleneck_main_only with dynamic sampling, as co_train_dynamic",
     "co_train_judge": f"co_train; sub reward + {JUDGE_WEIGHT:g} x its report's correctness (fact judge)",
     "bottleneck_co_train_judge": "bottleneck_co_train with the fact judge, as co_train_judge",
+    "co_train_delegation": f"co_train; main reward + {DELEGATION_WEIGHT:g} x how faithfully it delegated (delegation "
+                           "judge)",
+    "bottleneck_co_train_delegation": "bottleneck_co_train with the delegation judge, as co_train_delegation",
 }
 PREAMBLE = {
     "core": "The core comparison (configs/repro/common.py): the same warm-start recipe for every setting, then "
@@ -159,6 +172,11 @@ PREAMBLE = {
              f"the sub-agent's reward adds {JUDGE_WEIGHT:g} x whether its report answers the sub-task it was given, "
              "so its groups carry signal when the main agent's outcome does not differ. Same warm starts and RL "
              "budget, beside the runs without it and main_only, in both settings.",
+    "delegation": "A main-agent judge (a process reward, here a rule that knows the generated world): the main "
+                  f"agent's reward adds {DELEGATION_WEIGHT:g} x how faithfully it delegated each hop of its question "
+                  "(the sub-question it should have written about the subject it knew; a near copy of a name earns "
+                  "partial credit), so its groups carry signal when no rollout answers right. Same warm starts and "
+                  "RL budget, beside the runs without it and main_only, in both settings.",
 }
 
 
@@ -214,7 +232,8 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
               "bottleneck_main_only": "main_only", "bottleneck_single_agent": "single_agent",
               "co_train_dynamic": "co_train", "bottleneck_co_train_dynamic": "co_train",
               "bottleneck_main_only_dynamic": "main_only", "co_train_judge": "co_train",
-              "bottleneck_co_train_judge": "co_train"}.get(mode, mode)
+              "bottleneck_co_train_judge": "co_train", "co_train_delegation": "co_train",
+              "bottleneck_co_train_delegation": "co_train"}.get(mode, mode)
     c.total_steps = TOTAL_STEPS
     c.mgrpo.num_queries = QUERIES_PER_STEP
     c.mgrpo.num_rollouts = NUM_ROLLOUTS
@@ -245,6 +264,9 @@ def rl_config(mode: str, root: str = DEFAULT_ROOT) -> ConfigDict:
     if mode.endswith("_judge"):
         c.mgrpo.rewards.sub_judge = "facts"
         c.mgrpo.rewards.beta_j = JUDGE_WEIGHT
+    if mode.endswith("_delegation"):
+        c.mgrpo.rewards.main_judge = "delegation"
+        c.mgrpo.rewards.alpha_j = DELEGATION_WEIGHT
     if mode == "co_train_no_alignment":
         # No trajectory alignment: missing sub-agent slots stay empty (masked) instead of being filled with
         # duplicates or sibling rollouts' trajectories.

@@ -25,6 +25,7 @@ JSONL: the corpus uses `mgrpo_jax.data.corpus` (Search-R1's corpus format); ques
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -188,6 +189,11 @@ class World:
         """The object of `entity`'s fact `key` as text: the related entity's name, or the attribute's value."""
         value = entity.facts[key]
         return self.entity(value).name if RELATIONS[key].target is not None else value
+
+    def hop(self, entity: Entity, key: str) -> Hop:
+        """`entity`'s fact `key` as a chain step: its one-document sub-question, answer and document."""
+        return Hop(RELATIONS[key].question.format(s=entity.name), entity.name, key, self.fact(entity, key),
+                   self.fact_docs[(entity.eid, key)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,30 +439,39 @@ _QUESTION_PATTERNS = tuple((key, _template_pattern(r.question)) for key, r in RE
 _PHRASE_PATTERNS = tuple((key, _template_pattern(r.phrase)) for key, r in RELATIONS.items() if r.phrase)
 
 
-def _resolve(world: World, subject: str, depth: int = 0) -> Entity | None:
-    """The entity a subject names: a name, or a noun phrase over one ("the founder of Velmor Guild")."""
+def _resolve(world: World, subject: str, depth: int = 0) -> tuple[Entity, list[Hop]] | None:
+    """The entity a subject names and the hops that lead to it: a name (no hops), or a noun phrase over one
+    ("the founder of Velmor Guild": one hop, from Velmor Guild)."""
     if subject in world._by_name:  # World's own index
-        return world._by_name[subject]
+        return world._by_name[subject], []
     if depth >= MAX_HOPS:
         return None
     for key, pattern in _PHRASE_PATTERNS:
         m = pattern.fullmatch(subject)
         inner = _resolve(world, m["s"], depth + 1) if m else None
-        if inner is not None and key in inner.facts:
-            return world.entity(inner.facts[key])
+        if inner is not None and key in inner[0].facts:
+            entity, hops = inner
+            return world.entity(entity.facts[key]), [*hops, world.hop(entity, key)]
+    return None
+
+
+def question_chain(world: World, text: str) -> tuple[Hop, ...] | None:
+    """The chain of a question phrased with the generator's templates (any number of hops, e.g. a sub-question
+    a main agent delegated), or None when the text is not such a question about this world."""
+    text = " ".join(text.split())
+    for key, pattern in _QUESTION_PATTERNS:
+        m = pattern.fullmatch(text)
+        found = _resolve(world, m["s"]) if m else None
+        if found is not None and key in found[0].facts:
+            entity, hops = found
+            return (*hops, world.hop(entity, key))
     return None
 
 
 def answer_question(world: World, text: str) -> str | None:
-    """The world's answer to a question phrased with the generator's templates (any number of hops, e.g. a
-    sub-question a main agent delegated), or None when the text is not such a question about this world."""
-    text = " ".join(text.split())
-    for key, pattern in _QUESTION_PATTERNS:
-        m = pattern.fullmatch(text)
-        entity = _resolve(world, m["s"]) if m else None
-        if entity is not None and key in entity.facts:
-            return world.fact(entity, key)
-    return None
+    """The world's answer to a question phrased with the generator's templates, or None (`question_chain`)."""
+    chain = question_chain(world, text)
+    return chain[-1].answer if chain else None
 
 
 class FactJudge:
@@ -474,6 +489,43 @@ class FactJudge:
     def __call__(self, trajectory: Any) -> float:
         gold = answer_question(self.world, trajectory.task)
         return 0.0 if gold is None or trajectory.final is None else exact_match(trajectory.final, gold)
+
+
+class DelegationJudge:
+    """A main-agent judge (`RewardConfig.main_judge`) for a generated world: how faithfully the main agent
+    delegated its question's hops, in [0, 1], whatever the sub-agents then reported.
+
+    Hop i of the question's chain should be delegated as its sub-question about the subject the main agent
+    knows: the question's head for the first hop, the previous sub-agent's report for the others (so a wrong
+    report, the sub-agent's error, costs the main agent nothing; copying it faithfully is its job; after no
+    report, the chain's own subject). `subs`: the rollout's sub trajectories in call order. Each hop
+    scores 1.0 for exactly that sub-question, 0.0 for none (the main agent answered first); a different one
+    scores 0.0, or with `soft` its similarity to the expected text (difflib's ratio, in [0, 1)): a name
+    copied with one syllable wrong is closer than another name. The score is the mean over the chain's hops;
+    delegations past its end are not scored. A question that is not one of this world's scores 0.0.
+
+    `soft` is what gives the main agent's all-fail groups variance: its delegations of an unseen name differ
+    from sample to sample in how close they come, while whole-name matches rarely differ within a group.
+    """
+
+    def __init__(self, world: World, soft: bool = True):
+        self.world, self.soft = world, soft
+
+    def __call__(self, main: Any, subs: Sequence[Any]) -> float:
+        chain = question_chain(self.world, main.task)
+        if not chain:
+            return 0.0
+        total, known = 0.0, chain[0].subject
+        for hop, sub in zip(chain, subs):
+            expected = RELATIONS[hop.relation].question.format(s=known)
+            given = " ".join(sub.task.split())
+            if given == expected:
+                total += 1.0
+            elif self.soft:
+                total += difflib.SequenceMatcher(None, given, expected).ratio()
+            report = " ".join((sub.final or "").split()) if sub.format_ok else ""
+            known = report or hop.answer
+        return total / len(chain)
 
 
 def _question_id(world: World, text: str) -> str:
@@ -497,9 +549,7 @@ def _sample_chain(world: World, rng: random.Random, hops: int, heads: Sequence[E
         key = rng.choice(options)
         rel = RELATIONS[key]
         value = entity.facts[key]
-        answer = world.fact(entity, key)
-        chain.append(Hop(rel.question.format(s=entity.name), entity.name, key, answer,
-                         world.fact_docs[(entity.eid, key)]))
+        chain.append(world.hop(entity, key))
         keys.append(key)
         if rel.target is not None:
             visited.add(value)

@@ -1,14 +1,16 @@
 """M-GRPO rewards: answer correctness, and the main and sub-agent rewards of one query group.
 
     main, rollout k:          R_M = 0                                          if the main transcript broke the format
-                                  = alpha_f + alpha_c * c_k,   c_k = correct(answer_k, gold) in [0, 1]
+                                  = alpha_f + alpha_c * c_k + alpha_j * judge_M(tau_M^(k), its sub trajectories),
+                                    c_k = correct(answer_k, gold) in [0, 1]
     sub, call i of rollout k: R_S = 0                                          if that sub trajectory broke the format
                                   = beta_f + beta_m * c_k + beta_j * judge(tau_S^(k,i))
 
 c_k is taken as 0 when the main format broke, so every sub trajectory of a rollout shares the main agent's
-outcome as it was scored ("shared fate"). The defaults reproduce the paper's code: R_M in {0, 0.1, 1.0}
-and R_S = 0 for a bad format, else max(0.1, R_M). The judge is a hook, off by default (its weight in the
-paper is unpublished).
+outcome as it was scored ("shared fate"); the main judge's term is the main agent's own (a process reward, e.g.
+how faithfully it delegated) and is not shared. The defaults reproduce the paper's code: R_M in {0, 0.1, 1.0}
+and R_S = 0 for a bad format, else max(0.1, R_M). The judges are hooks, off by default (the sub judge's weight in
+the paper is unpublished; the main judge is ours).
 
 `correct` is normalized exact match by default ("em"), token F1 ("f1"), or any callable
 `(prediction: str, golds: tuple[str, ...]) -> float in [0, 1]` (e.g. an LLM judge). Normalization is
@@ -33,6 +35,8 @@ CORRECT_MODES = ("em", "f1")
 
 CorrectFn = Callable[[str, tuple[str, ...]], float]  # (prediction, gold aliases) -> score in [0, 1]
 JudgeFn = Callable[[Any], float]  # (one sub trajectory, whatever the controller records) -> score in [0, 1]
+# (one main trajectory, its rollout's sub trajectories in call order) -> score in [0, 1]
+MainJudgeFn = Callable[[Any, Sequence[Any]], float]
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -104,33 +108,39 @@ def _check_score(name: str, value, verb: str = "must return") -> float:
 class RewardConfig:
     """Reward weights and scorers (see the module docstring for the equations).
 
-    alpha_f, alpha_c: main format and correctness weights.
+    alpha_f, alpha_c, alpha_j: main format, correctness and judge weights.
     beta_f, beta_m, beta_j: sub-agent format, shared main outcome and judge weights.
     correct: "em" | "f1" | a callable (prediction, golds) -> [0, 1].
     sub_judge: a callable (sub trajectory) -> [0, 1], or None. Required when beta_j > 0; with beta_j == 0 it
       is still run and its score reported (monitoring without shaping the reward).
+    main_judge: a callable (main trajectory, its sub trajectories in call order) -> [0, 1], or None; likewise
+      required when alpha_j > 0.
     """
 
     alpha_f: float = 0.1
     alpha_c: float = 0.9
+    alpha_j: float = 0.0
     beta_f: float = 0.1
     beta_m: float = 0.9
     beta_j: float = 0.0
     correct: str | CorrectFn = "em"
     sub_judge: JudgeFn | None = None
+    main_judge: MainJudgeFn | None = None
 
     def __post_init__(self):
-        for key in ("alpha_f", "alpha_c", "beta_f", "beta_m", "beta_j"):
+        for key in ("alpha_f", "alpha_c", "alpha_j", "beta_f", "beta_m", "beta_j"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"RewardConfig.{key} must be a finite number >= 0, got {v!r}")
         if not callable(self.correct) and self.correct not in CORRECT_MODES:
             raise ValueError(f"RewardConfig.correct={self.correct!r} is not supported; choose one of "
                              f"{list(CORRECT_MODES)} or pass a callable (prediction, golds) -> [0, 1]")
-        if self.sub_judge is not None and not callable(self.sub_judge):
-            raise ValueError(f"RewardConfig.sub_judge must be None or a callable, got {self.sub_judge!r}")
-        if self.beta_j > 0 and self.sub_judge is None:
-            raise ValueError(f"RewardConfig.beta_j={self.beta_j} needs a sub_judge callable; set one or beta_j=0")
+        for judge, weight in (("sub_judge", "beta_j"), ("main_judge", "alpha_j")):
+            if getattr(self, judge) is not None and not callable(getattr(self, judge)):
+                raise ValueError(f"RewardConfig.{judge} must be None or a callable, got {getattr(self, judge)!r}")
+            if getattr(self, weight) > 0 and getattr(self, judge) is None:
+                raise ValueError(f"RewardConfig.{weight}={getattr(self, weight)} needs a {judge} callable; set one "
+                                 f"or {weight}=0")
 
     def correctness(self, prediction: str | None, gold: str | Sequence[str]) -> float:
         """correct(prediction, gold) in [0, 1]; 0.0 when there is no prediction."""
@@ -159,16 +169,19 @@ def _means(obj) -> dict[str, float]:
 class MainRewards:
     """The main agent's rewards for one group of K rollouts; every field is shaped [K].
 
-    reward = format + correct, float32.
-    format: alpha_f * format_ok.   correct: alpha_c * correct_score.
+    reward = format + correct + judge, float32.
+    format: alpha_f * format_ok.   correct: alpha_c * correct_score.   judge: alpha_j * judge_score.
     correct_score: correct(answer, gold) in [0, 1], 0 where the format broke (the c_k the sub-agents share).
+    judge_score: the main judge's score in [0, 1]; 0 where the format broke or there is no judge.
     format_ok: bool.
     """
 
     reward: np.ndarray
     format: np.ndarray
     correct: np.ndarray
+    judge: np.ndarray
     correct_score: np.ndarray
+    judge_score: np.ndarray
     format_ok: np.ndarray
 
     def means(self) -> dict[str, float]:
@@ -221,6 +234,7 @@ def main_rewards(
     format_ok: Sequence[bool],
     gold: str | Sequence[str],
     config: RewardConfig = RewardConfig(),
+    trajectories: Sequence[tuple[Any, Sequence[Any]]] | None = None,
 ) -> MainRewards:
     """Main-agent rewards of one query's K rollouts.
 
@@ -229,6 +243,8 @@ def main_rewards(
       format_ok: [K] whether each main transcript kept the format (decided by the protocol parser).
       gold: the gold answer, or a sequence of accepted aliases.
       config: weights and scorers.
+      trajectories: [K] (main trajectory, its sub trajectories in call order), what `config.main_judge` reads.
+        Required when that judge is set; it only sees well-formed rollouts.
 
     Returns:
       MainRewards, fields shaped [K].
@@ -241,13 +257,23 @@ def main_rewards(
         if a is not None and not isinstance(a, str):
             raise ValueError(f"answers must be str or None, got {type(a).__name__} {a!r}")
     golds = _golds(gold)
+    judge = config.main_judge
+    if judge is not None:
+        if trajectories is None or len(trajectories) != len(ok):
+            raise ValueError("RewardConfig.main_judge is set: pass one (main trajectory, sub trajectories) pair per "
+                             f"rollout (trajectories=...), got {None if trajectories is None else len(trajectories)} "
+                             f"for {len(ok)} rollouts")
     score = [config.correctness(a, golds) if o else 0.0 for a, o in zip(answers, ok)]
+    jscore = [_check_score("RewardConfig.main_judge", judge(*trajectories[k])) if judge and o else 0.0
+              for k, o in enumerate(ok)]
     fmt = [config.alpha_f * o for o in ok]
     cor = [config.alpha_c * s for s in score]
-    f32 = lambda xs: np.asarray(xs, np.float64).astype(np.float32)  # noqa: E731 - sum in float64, store float32
+    jpart = [config.alpha_j * j for j in jscore]
+    f32 = lambda xs: np.asarray(xs, np.float64).reshape(len(xs)).astype(np.float32)  # noqa: E731 - sum in f64
     return MainRewards(
-        reward=f32([f + c for f, c in zip(fmt, cor)]), format=f32(fmt), correct=f32(cor),
-        correct_score=f32(score), format_ok=np.asarray(ok, bool).reshape(len(ok)))
+        reward=f32([f + c + j for f, c, j in zip(fmt, cor, jpart)]), format=f32(fmt), correct=f32(cor),
+        judge=f32(jpart), correct_score=f32(score), judge_score=f32(jscore),
+        format_ok=np.asarray(ok, bool).reshape(len(ok)))
 
 
 def sub_rewards(
@@ -309,9 +335,17 @@ def group_rewards(
     sub_format_ok: Sequence[Sequence[bool]],
     config: RewardConfig = RewardConfig(),
     sub_trajectories: Sequence[Sequence[Any]] | None = None,
+    main_trajectories: Sequence[Any] | None = None,
 ) -> tuple[MainRewards, SubRewards]:
-    """Both agents' rewards for one query group: `main_rewards`, then `sub_rewards` sharing its c_k."""
-    main = main_rewards(answers, main_format_ok, gold, config)
+    """Both agents' rewards for one query group: `main_rewards`, then `sub_rewards` sharing its c_k.
+    sub_trajectories: K lists of the rollout's sub trajectories in call order (for the judges);
+    main_trajectories: [K] (for `config.main_judge`, which reads each with its row of sub_trajectories)."""
+    pairs = None
+    if config.main_judge is not None:
+        if main_trajectories is None or sub_trajectories is None:
+            raise ValueError("RewardConfig.main_judge is set: pass main_trajectories and sub_trajectories")
+        pairs = list(zip(main_trajectories, sub_trajectories, strict=True))
+    main = main_rewards(answers, main_format_ok, gold, config, pairs)
     if len(sub_format_ok) != len(main.reward):
         raise ValueError(f"sub_format_ok has {len(sub_format_ok)} rollouts but there are {len(main.reward)} answers")
     return main, sub_rewards(sub_format_ok, main.correct_score.tolist(), config, sub_trajectories)

@@ -125,8 +125,7 @@ def _rewards_and_parts(rollouts: RolloutBatch, golds: Sequence[Any], num_rollout
         mains = rollouts.main[q * num_rollouts:(q + 1) * num_rollouts]
         subs = by_rollout[q]
         m, s = group_rewards([t.final if t.format_ok else None for t in mains], [t.format_ok for t in mains], golds[q],
-                             [[t.format_ok for t in row] for row in subs], config,
-                             subs if config.sub_judge else None)
+                             [[t.format_ok for t in row] for row in subs], config, subs, mains)
         main_r[q] = m.reward
         sub_r.append(s.reward)
         for prefix, group in (("main", m), ("sub", s)):
