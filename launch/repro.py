@@ -12,8 +12,9 @@
 Settings are configs/repro/<setting>.py (configs/repro/common.py explains the design). One pool of `--jobs`
 processes runs, in order:
   1. the warm starts the settings need (launch/warm_start.py --config configs/repro/warm_start.py:<kind>), into
-     <root>/warm_<kind>/, those of more epochs first; a finished one (its warm_start/summary.json exists) is reused; then where its greedy
-     held-out episodes fail (launch/evaluate.py --failures --initial, into <root>/warm_<kind>/eval/failures.json);
+     <root>/warm_<kind>/, those of more epochs first; a finished one (its warm_start/summary.json exists) is
+     reused; then where its greedy held-out episodes fail (launch/evaluate.py --failures --initial, into
+     <root>/warm_<kind>/eval/failures.json);
   2. each setting and seed (launch/train.py --config configs/repro/<setting>.py:<root>), into
      <root>/<setting>/seed<N>/, with its output in log.txt there, as soon as its warm start is done (the RL runs
      of the warm starts that finish first go first, and none waits in a process slot for its warm start); a

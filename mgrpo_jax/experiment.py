@@ -73,7 +73,7 @@ def sub_judge(name: Any, task: Mapping[str, Any], data) -> Any:
     built-in judge by name: "facts", the generated world's facts (`data.synthetic.FactJudge`)."""
     from mgrpo_jax.data.synthetic import FactJudge
 
-    return _world_judge("sub_judge", name, SUB_JUDGES, task, data, lambda world: FactJudge(world))
+    return _world_judge("sub_judge", name, SUB_JUDGES, task, data, FactJudge)
 
 
 def main_judge(name: Any, task: Mapping[str, Any], data, mode: str) -> Any:
